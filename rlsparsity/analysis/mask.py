@@ -1,0 +1,340 @@
+"""The mask artifact, format ``rlsparsity.mask/1`` (see docs/DESIGN.md, "Mask artifact").
+
+An Arrow IPC file with one row per chunk of a flattened tensor. Bits are packed LSB
+first (``np.packbits(..., bitorder="little")``). Every mask shares ``CHUNK_ELEMS``, so
+two masks of the same base model join on (tensor, chunk).
+
+The checksum is a two-level BLAKE2b: a 16-byte digest per row, then one digest over
+those in row order. A task that reads only some chunks can digest its own rows and a
+combiner can still verify the file without a second pass over the bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT = "rlsparsity.mask/1"
+# 2**20 elements = 128 KiB of bits per chunk: cache-sized for AND + popcount, and few
+# enough rows (about 7k for a 7B model) that the table itself stays small.
+CHUNK_ELEMS = 1 << 20
+
+SCHEMA = pa.schema(
+    [
+        ("tensor", pa.string()),
+        ("shape", pa.list_(pa.int64())),
+        ("chunk", pa.int32()),
+        ("offset", pa.int64()),
+        ("length", pa.int64()),
+        ("bits", pa.binary()),
+        ("changed", pa.int64()),
+    ]
+)
+REQUIRED_META = (
+    "format",
+    "chunk_elems",
+    "criterion",
+    "dtype",
+    "base",
+    "target",
+    "total_elems",
+    "total_changed",
+    "checksum",
+)
+
+
+class MaskError(ValueError):
+    """A mask file is malformed, corrupt, or incompatible with another mask."""
+
+
+def row_digest(bits: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(bits, digest_size=16).digest()
+
+
+def combine_digests(digests: list[bytes]) -> str:
+    return "blake2b:" + hashlib.blake2b(b"".join(digests), digest_size=32).hexdigest()
+
+
+def pack(mask: np.ndarray) -> bytes:
+    """Pack a flat boolean array, LSB first."""
+    return np.packbits(mask.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack(bits: bytes | memoryview, length: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=length, bitorder="little").astype(bool)
+
+
+def popcount(bits: bytes | memoryview) -> int:
+    return int(np.bitwise_count(np.frombuffer(bits, dtype=np.uint8)).sum(dtype=np.int64))
+
+
+class MaskWriter:
+    """Streams tensor masks into a mask file; the file appears under its name only on ``close``.
+
+    Rows go to ``PATH.partial`` as they come, so memory stays bounded by one tensor.
+    ``close`` rewrites them into the final file with the schema metadata (which Arrow
+    stores before the rows, so it can only be written once the totals are known) and
+    renames it into place. A failed or abandoned writer leaves no file at ``PATH``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        criterion: dict[str, Any],
+        dtype: str,
+        base: dict[str, Any],
+        target: dict[str, Any],
+        tied: list[list[str]] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._partial = self.path.with_name(self.path.name + ".partial")
+        self._meta = {
+            "format": FORMAT,
+            "chunk_elems": CHUNK_ELEMS,
+            "criterion": criterion,
+            "dtype": dtype,
+            "base": base,
+            "target": target,
+            "tied": tied or [],
+            **(extra or {}),
+        }
+        self._sink = pa.OSFile(str(self._partial), "wb")
+        self._writer = pa.ipc.new_file(self._sink, SCHEMA)
+        self._digests: list[bytes] = []
+        self._names: set[str] = set()
+        self.total_elems = 0
+        self.total_changed = 0
+
+    def add(self, name: str, shape: tuple[int, ...] | list[int], mask: np.ndarray) -> int:
+        """Add one tensor's boolean mask (any shape, flattened row-major). Returns its changed count."""
+        if name in self._names:
+            raise MaskError(f"{self.path}: tensor {name!r} added twice")
+        flat = np.ascontiguousarray(mask, dtype=bool).reshape(-1)
+        numel = math.prod(shape)
+        if flat.size != numel:
+            raise MaskError(f"{self.path}: tensor {name!r} has shape {list(shape)} ({numel} elements) but its mask has {flat.size}")
+        self._names.add(name)
+        cols: dict[str, list] = {k: [] for k in SCHEMA.names}
+        changed_total = 0
+        for chunk, offset in enumerate(range(0, max(numel, 1), CHUNK_ELEMS)):
+            part = flat[offset : offset + CHUNK_ELEMS]
+            bits = pack(part)
+            changed = int(np.count_nonzero(part))
+            for key, value in zip(
+                SCHEMA.names, (name, list(shape), chunk, offset, part.size, bits, changed), strict=True
+            ):
+                cols[key].append(value)
+            self._digests.append(row_digest(bits))
+            changed_total += changed
+        self._writer.write_batch(pa.record_batch(cols, schema=SCHEMA))
+        self.total_elems += numel
+        self.total_changed += changed_total
+        return changed_total
+
+    def close(self) -> Path:
+        self._writer.close()
+        self._sink.close()
+        meta = {
+            **self._meta,
+            "total_elems": self.total_elems,
+            "total_changed": self.total_changed,
+            "checksum": combine_digests(self._digests),
+        }
+        schema = SCHEMA.with_metadata({k: json.dumps(v) for k, v in meta.items()})
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with pa.memory_map(str(self._partial)) as src, pa.ipc.open_file(src) as reader:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                for i in range(reader.num_record_batches):
+                    writer.write_batch(reader.get_batch(i).replace_schema_metadata(None))
+            # Flush to disk before the rename so a crash never leaves a torn file under PATH.
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        self._partial.unlink()
+        return self.path
+
+    def abort(self) -> None:
+        for f in (self._writer, self._sink):
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001 - best effort cleanup after an earlier error
+                pass
+        self._partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> MaskWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+@dataclass
+class Mask:
+    """A mask file opened memory-mapped. ``table`` rows are chunks in file order."""
+
+    path: Path
+    meta: dict[str, Any]
+    table: pa.Table
+
+    @property
+    def chunk_elems(self) -> int:
+        return int(self.meta["chunk_elems"])
+
+    @property
+    def total_elems(self) -> int:
+        return int(self.meta["total_elems"])
+
+    @property
+    def total_changed(self) -> int:
+        return int(self.meta["total_changed"])
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.total_changed / self.total_elems if self.total_elems else 1.0
+
+    def tensor_names(self) -> list[str]:
+        return list(dict.fromkeys(self.table.column("tensor").to_pylist()))
+
+    def iter_tensors(self) -> Iterator[tuple[str, tuple[int, ...], np.ndarray]]:
+        """Yield (name, shape, boolean mask of that shape) per tensor, in file order."""
+        names = self.table.column("tensor").to_pylist()
+        shapes = self.table.column("shape").to_pylist()
+        lengths = self.table.column("length").to_pylist()
+        bits = self.table.column("bits")
+        i = 0
+        while i < len(names):
+            j = i
+            parts = []
+            while j < len(names) and names[j] == names[i]:
+                parts.append(unpack(bits[j].as_buffer(), lengths[j]))
+                j += 1
+            shape = tuple(shapes[i])
+            yield names[i], shape, np.concatenate(parts).reshape(shape)
+            i = j
+
+    def to_dict(self) -> dict[str, np.ndarray]:
+        return {name: m for name, _, m in self.iter_tensors()}
+
+    def per_tensor_counts(self) -> dict[str, tuple[int, int]]:
+        """Tensor name -> (changed, numel)."""
+        out: dict[str, list[int]] = {}
+        for name, length, changed in zip(
+            self.table.column("tensor").to_pylist(),
+            self.table.column("length").to_pylist(),
+            self.table.column("changed").to_pylist(),
+            strict=True,
+        ):
+            acc = out.setdefault(name, [0, 0])
+            acc[0] += changed
+            acc[1] += length
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate only the schema metadata (no bits are touched)."""
+    path = Path(path)
+    try:
+        with pa.memory_map(str(path)) as src:
+            schema = pa.ipc.open_file(src).schema
+    except (pa.ArrowInvalid, OSError) as e:
+        raise MaskError(f"{path}: not a readable Arrow IPC mask file ({e})") from e
+    return _parse_meta(path, schema)
+
+
+def _parse_meta(path: Path, schema: pa.Schema) -> dict[str, Any]:
+    raw = schema.metadata or {}
+    try:
+        meta = {k.decode(): json.loads(v) for k, v in raw.items()}
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MaskError(f"{path}: schema metadata is not JSON ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise MaskError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise MaskError(f"{path}: metadata lacks {missing}")
+    for field in SCHEMA:
+        if field.name not in schema.names or schema.field(field.name).type != field.type:
+            raise MaskError(f"{path}: column {field.name!r} missing or not {field.type}")
+    return meta
+
+
+def read_mask(path: str | os.PathLike, *, verify: bool = True) -> Mask:
+    """Open a mask memory-mapped. With ``verify`` (the default) check counts and checksum."""
+    path = Path(path)
+    try:
+        source = pa.memory_map(str(path))
+        reader = pa.ipc.open_file(source)
+        table = reader.read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise MaskError(f"{path}: not a readable Arrow IPC mask file, truncated or corrupt ({e})") from e
+    meta = _parse_meta(path, reader.schema)
+    mask = Mask(path=path, meta=meta, table=table.replace_schema_metadata(None))
+    if verify:
+        verify_mask(mask)
+    return mask
+
+
+def verify_mask(mask: Mask) -> None:
+    t = mask.table
+    digests = []
+    total_changed = 0
+    total_elems = 0
+    ce = mask.chunk_elems
+    for tensor, offset, length, bits, changed in zip(
+        t.column("tensor").to_pylist(),
+        t.column("offset").to_pylist(),
+        t.column("length").to_pylist(),
+        t.column("bits"),
+        t.column("changed").to_pylist(),
+        strict=True,
+    ):
+        buf = bits.as_buffer()
+        if len(buf) != (length + 7) // 8 or length > ce or offset % ce:
+            raise MaskError(f"{mask.path}: tensor {tensor!r} at offset {offset}: malformed chunk (length {length}, {len(buf)} bytes)")
+        if popcount(buf) != changed:
+            raise MaskError(f"{mask.path}: tensor {tensor!r} at offset {offset}: 'changed' does not match its bits")
+        digests.append(row_digest(buf))
+        total_changed += changed
+        total_elems += length
+    if combine_digests(digests) != mask.meta["checksum"]:
+        raise MaskError(f"{mask.path}: checksum mismatch: the bits were modified or the file is corrupt")
+    if total_changed != mask.total_changed or total_elems != mask.total_elems:
+        raise MaskError(
+            f"{mask.path}: totals in metadata ({mask.total_changed}/{mask.total_elems}) "
+            f"do not match the rows ({total_changed}/{total_elems})"
+        )
+
+
+def check_compatible(masks: list[Mask] | list[dict[str, Any]], labels: list[str] | None = None) -> None:
+    """Refuse to compare masks with different bases or chunk sizes."""
+    metas = [m.meta if isinstance(m, Mask) else m for m in masks]
+    labels = labels or [str(m.path) if isinstance(m, Mask) else f"mask {i}" for i, m in enumerate(masks)]
+    if not metas:
+        return
+    ref = metas[0]
+    for label, meta in zip(labels[1:], metas[1:], strict=True):
+        if meta["chunk_elems"] != ref["chunk_elems"]:
+            raise MaskError(
+                f"{label} has chunk_elems {meta['chunk_elems']} but {labels[0]} has {ref['chunk_elems']}; "
+                "masks with different chunk sizes cannot be joined"
+            )
+        if meta["base"].get("hash") != ref["base"].get("hash"):
+            raise MaskError(
+                f"{label} was taken against base {meta['base']} but {labels[0]} against {ref['base']}; "
+                "masks with different bases cannot be compared"
+            )

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,7 @@ def popcount(bits: bytes | memoryview) -> int:
 class MaskWriter:
     """Streams tensor masks into a mask file; the file appears under its name only on ``close``.
 
-    Rows go to ``PATH.partial`` as they come, so memory stays bounded by one tensor.
+    Rows go to ``PATH.<random>.partial`` as they come, so memory stays bounded by one tensor.
     ``close`` rewrites them into the final file with the schema metadata (which Arrow
     stores before the rows, so it can only be written once the totals are known) and
     renames it into place. A failed or abandoned writer leaves no file at ``PATH``.
@@ -99,7 +100,8 @@ class MaskWriter:
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._partial = self.path.with_name(self.path.name + ".partial")
+        # A unique partial name: two writers of the same path never clobber each other.
+        self._partial = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex[:8]}.partial")
         self._meta = {
             "format": FORMAT,
             "chunk_elems": CHUNK_ELEMS,
@@ -153,7 +155,7 @@ class MaskWriter:
             "checksum": combine_digests(self._digests),
         }
         schema = SCHEMA.with_metadata({k: json.dumps(v) for k, v in meta.items()})
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self._partial.with_suffix(".tmp")
         with pa.memory_map(str(self._partial)) as src, pa.ipc.open_file(src) as reader:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
                 for i in range(reader.num_record_batches):

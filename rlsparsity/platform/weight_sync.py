@@ -1,0 +1,75 @@
+"""Sparse bf16 weight sync from the learner's float32 master weights to the rollout engines.
+
+After every optimizer step only the entries whose bf16 view changed are sent: flat
+indices (int32) plus the new bf16 bit patterns. Applying the patch makes the engine's
+weights equal the bf16 view of the master weights, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+def bf16_bits(t: torch.Tensor) -> torch.Tensor:
+    """The bf16 view of a tensor as raw int16 bit patterns (bitwise comparison ignores NaN/±0 rules)."""
+    return t.detach().to(torch.bfloat16).view(torch.int16)
+
+
+@dataclass
+class SparsePatch:
+    """name -> (flat int32 indices, int16 bf16 bit patterns)."""
+
+    tensors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    dense_bytes: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes + v.nbytes for i, v in self.tensors.values())
+
+    @property
+    def changed(self) -> int:
+        return sum(i.size for i, _ in self.tensors.values())
+
+
+class Bf16SyncState:
+    """Remembers the bf16 view last sent to the rollout engines and diffs against it."""
+
+    def __init__(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.last = {n: bf16_bits(p).clone() for n, p in named_params}
+
+    def diff(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> SparsePatch:
+        patch = SparsePatch()
+        for name, p in named_params:
+            cur = bf16_bits(p).reshape(-1)
+            idx = torch.nonzero(cur != self.last[name].reshape(-1)).squeeze(1)
+            patch.dense_bytes += cur.numel() * 2
+            if idx.numel():
+                patch.tensors[name] = (idx.to(torch.int32).numpy(), cur[idx].numpy())
+                self.last[name] = cur.view(p.shape).clone()
+        return patch
+
+
+def full_patch(named_params: Iterable[tuple[str, torch.Tensor]]) -> SparsePatch:
+    """Every entry of the bf16 view, e.g. for a rollout engine that restarted from θ0."""
+    patch = SparsePatch()
+    for name, p in named_params:
+        cur = bf16_bits(p).reshape(-1)
+        patch.tensors[name] = (np.arange(cur.numel(), dtype=np.int32), cur.numpy().copy())
+        patch.dense_bytes += cur.numel() * 2
+    return patch
+
+
+@torch.no_grad()
+def apply_patch(model: torch.nn.Module, patch: SparsePatch) -> None:
+    params = dict(model.named_parameters())
+    unknown = set(patch.tensors) - set(params)
+    if unknown:
+        raise KeyError(f"weight patch names tensors the rollout model lacks: {sorted(unknown)}")
+    for name, (idx, bits) in patch.tensors.items():
+        flat = params[name].data.view(-1)
+        values = torch.from_numpy(bits).view(torch.bfloat16)
+        flat[torch.from_numpy(idx).long()] = values.to(flat.dtype)

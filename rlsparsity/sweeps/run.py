@@ -1,0 +1,175 @@
+"""Run a sweep: spec -> base model -> MLflow parent run -> Ray Tune grid -> summary -> overlap.
+
+This is the recipe `rlsparsity sweep` and `rlsparsity.sweep(spec)` both call.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from rich.console import Console
+from rich.table import Table
+
+from rlsparsity.platform.models import model_content_hash, resolve_model
+from rlsparsity.platform.tracking import Tracker, git_commit
+from rlsparsity.sweeps.spec import SpecError, SweepSpec, apply_overrides
+from rlsparsity.sweeps.trial import run_trial
+
+# One sweep = one experiment and one θ0: these fields cannot be grid axes.
+SWEEP_WIDE = ("name", "model", "tracking.uri", "tracking.artifact_location", "analysis")
+
+
+@dataclass
+class SweepResult:
+    experiment: str
+    sweep_run_id: str
+    tracking_uri: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    overlap: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def load_spec(spec: SweepSpec | Mapping[str, Any] | str | os.PathLike, overrides: Iterable[str] = ()) -> SweepSpec:
+    if isinstance(spec, SweepSpec):
+        if overrides:
+            return SweepSpec(apply_overrides(spec.to_dict(), overrides))
+        return spec
+    if isinstance(spec, Mapping):
+        return SweepSpec(apply_overrides(spec, overrides))
+    return SweepSpec.load(spec, overrides)
+
+
+def _init_ray() -> None:
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):  # `ray job submit` and `ray start` clusters set this
+        ray.init()
+    else:
+        ray.init(include_dashboard=False)
+
+
+def sweep(
+    spec: SweepSpec | Mapping[str, Any] | str | os.PathLike,
+    overrides: Iterable[str] = (),
+    *,
+    console: Console | None = None,
+) -> SweepResult:
+    """Run every trial of the grid on Ray Tune and return their summaries."""
+    console = console or Console()
+    spec = load_spec(spec, overrides)
+    for key in SWEEP_WIDE:
+        if key in spec.axes:
+            raise SpecError(f"invalid sweep spec:\n  {key}: is sweep-wide and cannot be a list (one sweep = one experiment, one θ0)")
+    first = spec.trials()[0]
+
+    model_path = resolve_model(first.model)
+    base = {"id": first.model, "hash": model_content_hash(model_path)}
+    tracker = Tracker(first.tracking.uri, first.tracking.artifact_location)
+    _init_ray()
+
+    experiment_id = tracker.experiment(spec.name)
+    commit = git_commit()
+    sweep_run_id = tracker.start_run(
+        experiment_id,
+        f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        kind="sweep",
+        tags={"model": first.model, "base_hash": base["hash"], "git_commit": commit,
+              "rlsparsity.grid_axes": json.dumps(sorted(spec.axes))},
+    )
+    ok = False
+    result = SweepResult(spec.name, sweep_run_id, tracker.uri)
+    try:
+        tracker.log_params(sweep_run_id, {"spec": json.dumps(spec.to_dict()), "trials": len(spec.grid()),
+                                          **{f"axis.{k}": json.dumps(v) for k, v in spec.axes.items()}})
+        storage = Path(os.environ.get("RLSPARSITY_RAY_STORAGE", Path.cwd() / ".rlsparsity" / "ray")).resolve()
+        ctx = {
+            "raw_spec": spec.to_dict(),
+            "model_path": str(model_path),
+            "base": base,
+            "tracking_uri": tracker.uri,
+            "experiment_id": experiment_id,
+            "sweep_run_id": sweep_run_id,
+            "git_commit": commit,
+            "storage_path": str(storage),
+        }
+        fits = max(1, math.floor(ray.cluster_resources().get("CPU", 1) / max(t.cpus() for t in spec.trials())))
+        concurrent = first.resources.max_concurrent_trials or fits
+        console.print(
+            f"[bold]sweep {spec.name}[/]: {len(spec.grid())} trials over {sorted(spec.axes) or 'no axes'}, "
+            f"{concurrent} at a time; MLflow {tracker.uri} (experiment {spec.name!r}, run {sweep_run_id})"
+        )
+        # The trial function only coordinates; its actors and learners hold the CPUs.
+        trainable = tune.with_resources(tune.with_parameters(_tune_fn, ctx=ctx), {"cpu": 0})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"point": tune.grid_search(spec.grid())},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_trial_name),
+            run_config=tune.RunConfig(
+                name=f"{spec.name}-{sweep_run_id[:8]}",
+                storage_path=str(storage),
+                verbose=1,
+                progress_reporter=tune.CLIReporter(
+                    metric_columns={"step": "step", "reward": "reward", "loss": "loss", "sync_bytes": "sync B"},
+                    parameter_columns={},
+                    max_report_frequency=15,
+                ),
+            ),
+        )
+        grid = tuner.fit()
+        for r in grid:
+            point = r.config["point"]
+            label = spec.trial(point).label
+            metrics = r.metrics or {}
+            if r.error or not metrics.get("done"):
+                result.failed.append(f"{label}: {r.error}")
+            else:
+                result.trials.append({"label": label, **spec.trial(point).model_dump(include={"seed", "dataset", "algorithm"}), **metrics})
+        print_summary(result, console)
+        if result.failed:
+            console.print(f"[red]{len(result.failed)} trial(s) failed:[/]\n  " + "\n  ".join(result.failed))
+        elif first.analysis and len(result.trials) > 1:
+            from rlsparsity.analysis.job import run_overlap_analysis
+
+            result.overlap = run_overlap_analysis(tracker.uri, spec.name, sweep_run_id=sweep_run_id)
+        ok = result.ok
+        return result
+    finally:
+        tracker.finish(sweep_run_id, ok)
+
+
+def _tune_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    run_trial(config["point"], ctx)
+
+
+def _trial_name(trial) -> str:
+    point = trial.config["point"]
+    return "_".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items()) or "trial"
+
+
+def print_summary(result: SweepResult, console: Console) -> None:
+    table = Table(title=f"sweep {result.experiment}: one row per trial (bf16 view vs θ0)")
+    for col in ("seed", "dataset", "algorithm", "test acc θ0 → final", "bf16 sparsity", "fp32 changed", "sync bytes / dense"):
+        table.add_column(col, justify="right" if col != "algorithm" else "left")
+    for t in sorted(result.trials, key=lambda t: (t["algorithm"], t["dataset"], t["seed"])):
+        sent, dense = t.get("sync_bytes_total", 0), t.get("sync_dense_bytes_total", 0)
+        table.add_row(
+            str(t["seed"]), t["dataset"], t["algorithm"],
+            f"{t.get('test_accuracy_before', float('nan')):.3f} → {t.get('test_accuracy_after', float('nan')):.3f}",
+            f"{100 * t.get('final/sparsity_bf16', float('nan')):.2f} %",
+            f"{100 * t.get('final/master_changed_frac', float('nan')):.2f} %",
+            f"{sent / 1e6:.2f} MB / {dense / 1e6:.2f} MB ({100 * sent / dense if dense else float('nan'):.1f} %)",
+        )
+    console.print(table)

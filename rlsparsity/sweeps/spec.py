@@ -1,0 +1,121 @@
+"""Sweep spec: YAML validated by pydantic, where any field may be a list (a grid axis).
+
+A sweep is a `TrialSpec` template in which some leaves are lists. `SweepSpec.trials()`
+expands the cartesian product; every combination is validated as a `TrialSpec`, so an
+error names the dotted field and, for registries, the allowed values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from rlsparsity.platform.config import TrialSpec
+
+
+class SpecError(ValueError):
+    """The sweep spec is invalid; the message names the field and what was expected."""
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"{key}: {p!r} is a value, not a section")
+        node[leaf] = v
+    return out
+
+
+def _format_error(e: ValidationError, axis_values: Mapping[str, Any]) -> str:
+    lines = []
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+            parent = TrialSpec
+            for p in err["loc"][:-1]:
+                parent = parent.model_fields[str(p)].annotation
+            msg += f"; allowed here: {', '.join(parent.model_fields)}"
+        elif err["type"] == "literal_error":
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  {field}: {msg}")
+    where = f" (grid point {json.dumps(dict(axis_values))})" if axis_values else ""
+    return "invalid sweep spec" + where + ":\n" + "\n".join(lines)
+
+
+class SweepSpec:
+    """A validated sweep: a template plus grid axes (dotted field -> list of values)."""
+
+    def __init__(self, raw: Mapping[str, Any]) -> None:
+        flat = flatten(raw)
+        self.axes: dict[str, list[Any]] = {k: list(v) for k, v in flat.items() if isinstance(v, list)}
+        for k, v in self.axes.items():
+            if not v:
+                raise SpecError(f"invalid sweep spec:\n  {k}: an empty list gives an empty grid")
+        self.template = {k: v for k, v in flat.items() if k not in self.axes}
+        self._trials = [self._validate(point) for point in self.grid()]
+        self.name = self._trials[0].name
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise SpecError(f"{path}: cannot read the sweep spec ({e})") from e
+        if not isinstance(raw, dict):
+            raise SpecError(f"{path}: a sweep spec is a mapping of fields, got {type(raw).__name__}")
+        return cls(apply_overrides(raw, overrides))
+
+    def grid(self) -> list[dict[str, Any]]:
+        keys = list(self.axes)
+        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*self.axes.values())]
+
+    def _validate(self, point: Mapping[str, Any]) -> TrialSpec:
+        try:
+            return TrialSpec.model_validate(unflatten({**self.template, **point}))
+        except ValidationError as e:
+            raise SpecError(_format_error(e, point)) from None
+
+    def trials(self) -> list[TrialSpec]:
+        return list(self._trials)
+
+    def trial(self, point: Mapping[str, Any]) -> TrialSpec:
+        return self._validate(point)
+
+    def to_dict(self) -> dict[str, Any]:
+        return unflatten({**self.template, **self.axes})
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply dotted `key=value` overrides; values are parsed as YAML (`[0,1]` makes an axis)."""
+    flat = flatten(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {item!r}: expected key=value, e.g. training.steps=10")
+        flat = {k: v for k, v in flat.items() if k != key and not k.startswith(key + ".")}
+        flat[key.strip()] = yaml.safe_load(value)
+    return unflatten(flat)

@@ -1,0 +1,62 @@
+"""Sweep spec: grid expansion, overrides, and errors that name the field and the allowed values."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from rlsparsity.cli import main
+from rlsparsity.sweeps.spec import SpecError, SweepSpec, apply_overrides
+
+
+def test_any_field_may_be_a_list():
+    spec = SweepSpec({"seed": [0, 1], "dataset": ["add", "mul"], "algorithm": ["grpo", "sft"],
+                      "training": {"lr": [1e-4, 1e-5], "steps": 3}})
+    trials = spec.trials()
+    assert len(trials) == 16
+    assert {t.training.lr for t in trials} == {1e-4, 1e-5}
+    assert all(t.training.steps == 3 for t in trials)
+    assert len({(t.seed, t.dataset, t.algorithm, t.training.lr) for t in trials}) == 16
+
+
+def test_overrides_are_dotted_and_parsed_as_yaml():
+    raw = apply_overrides({"seed": [0, 1], "training": {"steps": 30}}, ["training.steps=5", "seed=[3,4,5]", "training.lr=1e-3"])
+    spec = SweepSpec(raw)
+    assert [t.seed for t in spec.trials()] == [3, 4, 5]
+    assert spec.trials()[0].training.steps == 5 and spec.trials()[0].training.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "allowed"),
+    [
+        ("algorithm=ppo", "algorithm", "allowed: grpo, sft"),
+        ("dataset=gsm8k", "dataset", "allowed: add, mul"),
+        ("training.foo=1", "training.foo", "allowed here: steps, lr"),
+        ("rollout.backend=tgi", "rollout.backend", "'hf'"),
+    ],
+)
+def test_bad_specs_name_the_field_and_allowed_values(override, field, allowed):
+    with pytest.raises(SpecError) as e:
+        SweepSpec(apply_overrides({"seed": 0}, [override]))
+    assert f"  {field}:" in str(e.value) and allowed in str(e.value)
+
+
+def test_a_bad_value_inside_a_grid_axis_names_the_grid_point():
+    with pytest.raises(SpecError, match='"algorithm": "dpo"'):
+        SweepSpec({"algorithm": ["grpo", "dpo"]})
+
+
+def test_cli_exits_nonzero_with_the_field_name(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "algorithm": ["grpo", "nope"]}))
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "algorithm: unknown algorithm 'nope'; allowed: grpo, sft" in err
+
+
+def test_quickstart_spec_is_the_default_grid():
+    spec = SweepSpec.load("sweeps/quickstart.yaml")
+    trials = spec.trials()
+    assert {t.seed for t in trials} == {0, 1}
+    assert {t.dataset for t in trials} == {"add", "mul"}
+    assert {t.algorithm for t in trials} == {"grpo", "sft"}

@@ -11,6 +11,7 @@ combiner can still verify the file without a second pass over the bits.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -169,10 +170,8 @@ class MaskWriter:
 
     def abort(self) -> None:
         for f in (self._writer, self._sink):
-            try:
+            with contextlib.suppress(Exception):  # best-effort cleanup after an earlier error
                 f.close()
-            except Exception:  # noqa: BLE001 - best effort cleanup after an earlier error
-                pass
         self._partial.unlink(missing_ok=True)
 
     def __enter__(self) -> MaskWriter:

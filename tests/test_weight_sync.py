@@ -27,7 +27,8 @@ def test_patch_holds_exactly_the_changed_bf16_entries_and_applies_bitwise():
     assert patch.changed == expected == 1 + 32
     assert set(patch.tensors) == {"weight", "bias"}
     np.testing.assert_array_equal(patch.tensors["weight"][0], [3 * 64 + 7])
-    assert patch.nbytes == 33 * (4 + 2) and patch.dense_bytes == (64 * 32 + 32) * 2
+    assert patch.tensors["bias"][0] is None  # all of it changed: sent dense, no indices
+    assert patch.nbytes == 1 * (4 + 2) + 32 * 2 and patch.dense_bytes == (64 * 32 + 32) * 2
     apply_patch(engine, patch)
     for (n, pm), pe in zip(master.named_parameters(), engine.parameters(), strict=True):
         assert torch.equal(bf16_bits(pm), bf16_bits(pe)), n

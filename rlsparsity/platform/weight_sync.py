@@ -1,8 +1,10 @@
 """Sparse bf16 weight sync from the learner's float32 master weights to the rollout engines.
 
 After every optimizer step only the entries whose bf16 view changed are sent: flat
-indices (int32) plus the new bf16 bit patterns. Applying the patch makes the engine's
-weights equal the bf16 view of the master weights, bit for bit.
+indices (int32) plus the new bf16 bit patterns, 6 bytes an entry. Where more than
+`dense_above` of a tensor changed (1/3 by default: the point where 6 bytes per changed
+entry outgrow 2 per entry), that tensor goes dense, without indices. Applying the patch
+makes the engine's weights equal the bf16 view of the master weights, bit for bit.
 """
 
 from __future__ import annotations
@@ -21,25 +23,23 @@ def bf16_bits(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SparsePatch:
-    """name -> (flat int32 indices, int16 bf16 bit patterns)."""
+    """name -> (flat int32 indices, or None for the whole tensor; int16 bf16 bit patterns)."""
 
-    tensors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    dense_bytes: int = 0
+    tensors: dict[str, tuple[np.ndarray | None, np.ndarray]] = field(default_factory=dict)
+    dense_bytes: int = 0  # what sending every tensor whole would cost
+    changed: int = 0  # bf16 entries that differ from the previous sync
 
     @property
     def nbytes(self) -> int:
-        return sum(i.nbytes + v.nbytes for i, v in self.tensors.values())
-
-    @property
-    def changed(self) -> int:
-        return sum(i.size for i, _ in self.tensors.values())
+        return sum((0 if i is None else i.nbytes) + v.nbytes for i, v in self.tensors.values())
 
 
 class Bf16SyncState:
     """Remembers the bf16 view last sent to the rollout engines and diffs against it."""
 
-    def __init__(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def __init__(self, named_params: Iterable[tuple[str, torch.Tensor]], dense_above: float = 1 / 3) -> None:
         self.last = {n: bf16_bits(p).clone() for n, p in named_params}
+        self.dense_above = dense_above
 
     def diff(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> SparsePatch:
         patch = SparsePatch()
@@ -47,8 +47,12 @@ class Bf16SyncState:
             cur = bf16_bits(p).reshape(-1)
             idx = torch.nonzero(cur != self.last[name].reshape(-1)).squeeze(1)
             patch.dense_bytes += cur.numel() * 2
-            if idx.numel():
+            patch.changed += idx.numel()
+            if idx.numel() > self.dense_above * cur.numel():
+                patch.tensors[name] = (None, cur.numpy().copy())
+            elif idx.numel():
                 patch.tensors[name] = (idx.to(torch.int32).numpy(), cur[idx].numpy())
+            if idx.numel():
                 self.last[name] = cur.view(p.shape).clone()
         return patch
 
@@ -58,8 +62,9 @@ def full_patch(named_params: Iterable[tuple[str, torch.Tensor]]) -> SparsePatch:
     patch = SparsePatch()
     for name, p in named_params:
         cur = bf16_bits(p).reshape(-1)
-        patch.tensors[name] = (np.arange(cur.numel(), dtype=np.int32), cur.numpy().copy())
+        patch.tensors[name] = (None, cur.numpy().copy())
         patch.dense_bytes += cur.numel() * 2
+        patch.changed += cur.numel()
     return patch
 
 
@@ -71,5 +76,10 @@ def apply_patch(model: torch.nn.Module, patch: SparsePatch) -> None:
         raise KeyError(f"weight patch names tensors the rollout model lacks: {sorted(unknown)}")
     for name, (idx, bits) in patch.tensors.items():
         flat = params[name].data.view(-1)
-        values = torch.from_numpy(bits).view(torch.bfloat16)
-        flat[torch.from_numpy(idx).long()] = values.to(flat.dtype)
+        values = torch.from_numpy(bits).view(torch.bfloat16).to(flat.dtype)
+        if idx is None:
+            if values.numel() != flat.numel():
+                raise ValueError(f"dense patch for {name!r} has {values.numel()} entries, the model {flat.numel()}")
+            flat.copy_(values)
+        else:
+            flat[torch.from_numpy(idx).long()] = values

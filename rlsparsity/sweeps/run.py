@@ -111,8 +111,9 @@ def sweep(
             f"[bold]sweep {spec.name}[/]: {len(spec.grid())} trials over {sorted(spec.axes) or 'no axes'}, "
             f"{concurrent} at a time; MLflow {tracker.uri} (experiment {spec.name!r}, run {sweep_run_id})"
         )
-        # The trial function only coordinates; its actors and learners hold the CPUs.
-        trainable = tune.with_resources(tune.with_parameters(_tune_fn, ctx=ctx), {"cpu": 0})
+        # The trial function only coordinates: its actors and learners hold the CPUs. Tune
+        # refuses an empty bundle, so the driver reserves memory only.
+        trainable = tune.with_resources(tune.with_parameters(_tune_fn, ctx=ctx), {"cpu": 0, "memory": 256 * 2**20})
         tuner = tune.Tuner(
             trainable,
             param_space={"point": tune.grid_search(spec.grid())},

@@ -1,0 +1,79 @@
+"""`ray job submit --working-dir .` against a local head started for the test."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_a_sweep(embedded_model_dir, tmp_path):
+    # Ray's unix sockets need a short path, so not pytest's deep tmp_path.
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    gcs, dash = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    # --block keeps `ray start` in the foreground as the parent of this head's processes, so
+    # the test can stop exactly this cluster (`ray stop` would stop every Ray on the machine).
+    head = subprocess.Popen(
+        [BIN / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+         f"--temp-dir={temp_dir}", "--num-cpus=2", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    db = tmp_path / "mlruns.db"
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+                break
+            except OSError:
+                assert head.poll() is None, "ray start --head exited"
+                time.sleep(1)
+        proc = subprocess.run(
+            [BIN / "ray", "job", "submit", f"--address={address}", "--working-dir", ".", "--",
+             str(BIN / "python"), "-m", "rlsparsity.cli", "sweep", "sweeps/quickstart.yaml",
+             "--set", "name=jobsub", "--set", "seed=0", "--set", "dataset=add", "--set", "algorithm=[grpo,sft]",
+             "--set", "training.steps=2", "--set", "training.prompts_per_step=4", "--set", "training.eval_problems=20",
+             "--set", f"tracking.uri=sqlite:///{db}"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        )
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        assert "SUCCEEDED" in proc.stdout + proc.stderr
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):  # stragglers of this head only
+            os.killpg(head.pid, signal.SIGKILL)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("jobsub")
+    runs = client.search_runs([exp.experiment_id])
+    kinds = sorted(r.data.tags["rlsparsity.kind"] for r in runs)
+    assert kinds == ["analysis", "sweep", "trial", "trial"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:
+        if r.data.tags["rlsparsity.kind"] == "trial":
+            assert {a.path for a in client.list_artifacts(r.info.run_id, "masks")} == {"masks/final.arrow"}

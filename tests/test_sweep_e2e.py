@@ -1,0 +1,91 @@
+"""A real sweep end to end: Ray Tune trials with rollout actors and Ray Train learners,
+masks and metrics in a real `mlflow server` on 127.0.0.1, then the overlap analysis run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+import rlsparsity
+from rlsparsity.analysis.mask import read_mask
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "name=e2e",
+    "seed=0",
+    "dataset=add",
+    "algorithm=[grpo,sft]",
+    "training.steps=4",
+    "training.masks.every=2",
+    "training.prompts_per_step=8",
+    "training.eval_problems=40",
+]
+
+
+def test_sweep_logs_trials_masks_and_analysis_to_mlflow_server(embedded_model_dir, mlflow_server, ray_session, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLSPARSITY_RAY_STORAGE", str(tmp_path / "ray"))
+    result = rlsparsity.sweep("sweeps/quickstart.yaml", [*SMALL, f"tracking.uri={mlflow_server}"])
+    assert result.ok, result.failed
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    by_kind = {}
+    for r in runs:
+        by_kind.setdefault(r.data.tags["rlsparsity.kind"], []).append(r)
+    (sweep_run,) = by_kind["sweep"]
+    assert sweep_run.info.status == "FINISHED"
+    assert json.loads(sweep_run.data.tags["rlsparsity.grid_axes"]) == ["algorithm"]
+
+    trials = by_kind["trial"]
+    assert sorted(r.data.tags["algorithm"] for r in trials) == ["grpo", "sft"]
+    for r in trials:
+        tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
+        assert r.info.status == "FINISHED"
+        assert tags[MLFLOW_PARENT_RUN_ID] == sweep_run.info.run_id
+        assert tags["seed"] == "0" and tags["dataset"] == "add" and tags["model"] == "embedded:tiny-arith"
+        assert tags["base_hash"].startswith("sha256:") or len(tags["base_hash"]) >= 16
+        assert tags["git_commit"]
+        assert params["training.steps"] == "4" and params["algorithm"] == tags["algorithm"]
+        for key in ("test_accuracy_before", "test_accuracy_after", "final/sparsity_bf16",
+                    "final/master_changed_frac", "sync_bytes_total", "sync_dense_bytes_total"):
+            assert key in metrics, key
+        assert any(k.startswith("sparsity/layer.") for k in metrics)
+        history = client.get_metric_history(r.info.run_id, "sync_bytes")
+        assert [m.step for m in history] == [1, 2, 3, 4]
+        assert metrics["sync_bytes_total"] == sum(m.value for m in history)
+
+        names = {a.path for a in client.list_artifacts(r.info.run_id, "masks")}
+        assert names == {"masks/step_000002.arrow", "masks/final.arrow"}
+        local = client.download_artifacts(r.info.run_id, "masks/final.arrow", str(tmp_path / r.info.run_id))
+        mask = read_mask(local)  # verifies the checksum
+        assert mask.meta["base"]["hash"] == tags["base_hash"]
+        assert mask.meta["target"] == {"run_id": r.info.run_id, "step": 4}
+        assert mask.meta["dtype"] == "bfloat16" and mask.meta["criterion"] == {"mode": "bitwise"}
+        assert mask.sparsity == pytest.approx(metrics["final/sparsity_bf16"])
+        assert mask.total_changed == metrics["final/changed_bf16"]
+        # The tiny model ties lm_head to the embeddings: counted once, listed in the metadata.
+        assert "lm_head.weight" not in mask.tensor_names()
+        assert ["model.embed_tokens.weight", "lm_head.weight"] in mask.meta["tied"]
+
+    (analysis,) = by_kind["analysis"]
+    assert analysis.info.status == "FINISHED"
+    assert analysis.data.tags["rlsparsity.sweep_run_id"] == sweep_run.info.run_id
+    art = {a.path for a in client.list_artifacts(analysis.info.run_id, "overlap")}
+    assert {"overlap/pairs.arrow", "overlap/heatmap.png"} <= art
+
+
+def test_bad_spec_exits_nonzero_and_records_no_run(tmp_path, capsys):
+    from rlsparsity.cli import main
+
+    db = tmp_path / "m.db"
+    rc = main(["sweep", "sweeps/quickstart.yaml", "--set", "algorithm=[grpo,nope]", "--set", f"tracking.uri=sqlite:///{db}"])
+    assert rc == 2
+    assert "algorithm: unknown algorithm 'nope'; allowed: grpo, sft" in capsys.readouterr().err
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    finished = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id]) if r.info.status == "FINISHED"]
+    assert finished == []

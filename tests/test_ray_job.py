@@ -33,6 +33,8 @@ def test_ray_job_submit_runs_a_sweep(embedded_model_dir, tmp_path):
     gcs, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{BIN}:{env['PATH']}"
+    # Pin Ray's state API (used by Ray Train inside the job) to this head, not another Ray here.
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"
     # --block keeps `ray start` in the foreground as the parent of this head's processes, so
     # the test can stop exactly this cluster (`ray stop` would stop every Ray on the machine).
     head = subprocess.Popen(

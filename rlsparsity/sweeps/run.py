@@ -19,6 +19,7 @@ from ray import tune
 from rich.console import Console
 from rich.table import Table
 
+from rlsparsity.platform.cluster import init_ray
 from rlsparsity.platform.models import model_content_hash, resolve_model
 from rlsparsity.platform.tracking import Tracker, git_commit
 from rlsparsity.sweeps.spec import SpecError, SweepSpec, apply_overrides
@@ -52,15 +53,6 @@ def load_spec(spec: SweepSpec | Mapping[str, Any] | str | os.PathLike, overrides
     return SweepSpec.load(spec, overrides)
 
 
-def _init_ray() -> None:
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):  # `ray job submit` and `ray start` clusters set this
-        ray.init()
-    else:
-        ray.init(include_dashboard=False)
-
-
 def sweep(
     spec: SweepSpec | Mapping[str, Any] | str | os.PathLike,
     overrides: Iterable[str] = (),
@@ -78,7 +70,7 @@ def sweep(
     model_path = resolve_model(first.model)
     base = {"id": first.model, "hash": model_content_hash(model_path)}
     tracker = Tracker(first.tracking.uri, first.tracking.artifact_location)
-    _init_ray()
+    init_ray()
 
     experiment_id = tracker.experiment(spec.name)
     commit = git_commit()

@@ -1,0 +1,99 @@
+"""Shared fixtures.
+
+``embedded_model_dir`` builds the embedded base model (θ0, "tiny-arith") once per test
+session into a session-private cache and points ``RLSPARSITY_CACHE`` there, so every
+test that needs a pretrained model (and every call to ``resolve_model("embedded")``)
+reuses that single build.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def embedded_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("rlsparsity-cache")
+    old = os.environ.get("RLSPARSITY_CACHE")
+    os.environ["RLSPARSITY_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("RLSPARSITY_CACHE", None)
+    else:
+        os.environ["RLSPARSITY_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(embedded_cache_root: Path) -> Path:
+    """Path of the pretrained embedded model, built once per session (about a minute)."""
+    from rlsparsity.platform.models import ensure_embedded_model
+
+    # The CI machine has 2 cores; more threads only add contention for this tiny model.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    try:
+        return ensure_embedded_model("tiny-arith")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[object]:
+    """One local Ray instance (2 CPUs, no dashboard) shared by every test that needs Ray.
+
+    Starting Ray costs 5-10 s on the 2-core CI machine, so it happens at most once.
+    """
+    import ray
+
+    from rlsparsity.platform.cluster import init_ray
+
+    started = not ray.is_initialized()
+    if started:
+        init_ray(num_cpus=2)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 serving artifacts itself (mlflow-artifacts:/ URIs)."""
+    import contextlib
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (root / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).read()
+                break
+            except OSError:
+                assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()

@@ -11,14 +11,9 @@ import pyarrow as pa
 import pytest
 
 from rlsparsity.analysis import overlap as ov
+from rlsparsity.analysis.layers import layer_of, matrix_type
 from rlsparsity.analysis.mask import CHUNK_ELEMS, MaskError, MaskWriter
-from rlsparsity.analysis.overlap import (
-    OverlapError,
-    compute_overlap,
-    layer_of,
-    matrix_type,
-    plan_ranges,
-)
+from rlsparsity.analysis.overlap import OverlapError, compute_overlap, plan_ranges
 
 # Sizes chosen to be multiples of neither 8 nor CHUNK_ELEMS; one tensor spans two chunks
 # (the second short), tiny tensors share packs, and an empty tensor has a zero-length row.

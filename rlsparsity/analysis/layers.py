@@ -4,18 +4,41 @@ from __future__ import annotations
 
 import re
 
-_LAYER = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_TYPE_RULES: list[tuple[str, re.Pattern[str]]] = [
+    ("lm_head", re.compile(r"(^|\.)(lm_head|output)\.")),
+    ("embed", re.compile(r"embed|(^|\.)(wte|wpe|tok_embeddings)\.")),
+    ("norm", re.compile(r"norm|(^|\.)ln_")),
+    ("qkv", re.compile(r"qkv|c_attn|query_key_value")),
+    ("q", re.compile(r"(^|\.)(q_proj|wq|query)\.")),
+    ("k", re.compile(r"(^|\.)(k_proj|wk|key)\.")),
+    ("v", re.compile(r"(^|\.)(v_proj|wv|value)\.")),
+    ("o", re.compile(r"(^|\.)(o_proj|out_proj|wo|dense)\.|attn\.c_proj\.")),
+    ("gate", re.compile(r"(^|\.)(gate_proj|w1)\.")),
+    ("up", re.compile(r"(^|\.)(up_proj|w3|c_fc|fc1)\.")),
+    ("down", re.compile(r"(^|\.)(down_proj|w2|fc2)\.|mlp\.c_proj\.")),
+]
+
+
+def matrix_type(name: str) -> str:
+    """Matrix type of a state-dict key: q/k/v/o/gate/up/down/embed/norm/lm_head/...
+
+    Biases get a ``.bias`` suffix; unknown modules fall back to the module name.
+    """
+    kind = next((t for t, rx in _TYPE_RULES if rx.search(name)), None)
+    parts = name.split(".")
+    if kind is None:
+        kind = parts[-2] if len(parts) >= 2 else parts[0]
+    return kind + ".bias" if parts[-1] == "bias" and kind != "norm" else kind
 
 
 def layer_of(name: str) -> str:
-    """`model.layers.3.mlp.up_proj.weight` -> `layer.03`; non-layer tensors keep a short role name."""
-    m = _LAYER.search(name)
-    if m:
-        return f"layer.{int(m.group(1)):02d}"
-    if "embed" in name or name.endswith("wte.weight"):
-        return "embed"
-    if "lm_head" in name:
-        return "lm_head"
-    if "norm" in name:
-        return "final_norm"
-    return "other"
+    """Layer key: the block index as a string, or the matrix type for tensors outside blocks."""
+    m = _LAYER_RE.search(name)
+    return m.group(1) if m else matrix_type(name)
+
+
+def group_sort_key(key: str) -> tuple[int, int, str]:
+    if key.isdigit():
+        return (1, int(key), "")
+    return (0 if key.startswith("embed") else 2, 0, key)

@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from rlsparsity.analysis.layers import group_sort_key, layer_of, matrix_type
 from rlsparsity.analysis.mask import (
     MaskError,
     check_compatible,
@@ -66,46 +66,6 @@ class OverlapError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- naming
-
-
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-_TYPE_RULES: list[tuple[str, re.Pattern[str]]] = [
-    ("lm_head", re.compile(r"(^|\.)(lm_head|output)\.")),
-    ("embed", re.compile(r"embed|(^|\.)(wte|wpe|tok_embeddings)\.")),
-    ("norm", re.compile(r"norm|(^|\.)ln_")),
-    ("qkv", re.compile(r"qkv|c_attn|query_key_value")),
-    ("q", re.compile(r"(^|\.)(q_proj|wq|query)\.")),
-    ("k", re.compile(r"(^|\.)(k_proj|wk|key)\.")),
-    ("v", re.compile(r"(^|\.)(v_proj|wv|value)\.")),
-    ("o", re.compile(r"(^|\.)(o_proj|out_proj|wo|dense)\.|attn\.c_proj\.")),
-    ("gate", re.compile(r"(^|\.)(gate_proj|w1)\.")),
-    ("up", re.compile(r"(^|\.)(up_proj|w3|c_fc|fc1)\.")),
-    ("down", re.compile(r"(^|\.)(down_proj|w2|fc2)\.|mlp\.c_proj\.")),
-]
-
-
-def matrix_type(name: str) -> str:
-    """Matrix type of a state-dict key: q/k/v/o/gate/up/down/embed/norm/lm_head/...
-
-    Biases get a ``.bias`` suffix; unknown modules fall back to the module name.
-    """
-    kind = next((t for t, rx in _TYPE_RULES if rx.search(name)), None)
-    parts = name.split(".")
-    if kind is None:
-        kind = parts[-2] if len(parts) >= 2 else parts[0]
-    return kind + ".bias" if parts[-1] == "bias" and kind != "norm" else kind
-
-
-def layer_of(name: str) -> str:
-    """Layer key: the block index as a string, or the matrix type for tensors outside blocks."""
-    m = _LAYER_RE.search(name)
-    return m.group(1) if m else matrix_type(name)
-
-
-def _group_sort_key(key: str) -> tuple[int, int, str]:
-    if key.isdigit():
-        return (1, int(key), "")
-    return (0 if key.startswith("embed") else 2, 0, key)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -172,7 +132,7 @@ class OverlapResult:
         key = {"layer": layer_of, "matrix": matrix_type}.get(level)
         if key is None:
             raise ValueError(f"level must be tensor, layer or matrix, not {level!r}")
-        names = sorted({key(t) for t in self.tensor_names}, key=_group_sort_key)
+        names = sorted({key(t) for t in self.tensor_names}, key=group_sort_key)
         index = {g: k for k, g in enumerate(names)}
         gid = np.array([index[key(t)] for t in self.tensor_names], dtype=np.int64)
         numel = np.zeros(len(names), dtype=np.int64)

@@ -36,7 +36,8 @@ class MaskStats:
             f"{prefix}master_changed_frac": self.master_changed_frac,
         }
         for layer, (c, n) in self.per_layer.items():
-            out[f"{prefix}sparsity/{layer}"] = 1.0 - c / n
+            key = f"layer.{int(layer):02d}" if layer.isdigit() else layer
+            out[f"{prefix}sparsity/{key}"] = 1.0 - c / n
         return out
 
 

@@ -37,13 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlsparsity", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_sweep(sub)
-    import importlib
+    from rlsparsity.analysis import diff_cli, overlap_cli
 
-    for mod in ("diff_cli", "overlap_cli"):  # TODO(lead): plain imports once both land
-        try:
-            importlib.import_module(f"rlsparsity.analysis.{mod}").add_parser(sub)
-        except ImportError:
-            pass
+    diff_cli.add_parser(sub)
+    overlap_cli.add_parser(sub)
     return parser
 
 

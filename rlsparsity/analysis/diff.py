@@ -1,0 +1,720 @@
+"""Update sparsity of a checkpoint pair, streamed and exact (``rlsparsity diff``).
+
+What is counted
+    n (``total``) is the number of elements of every tensor compared: embeddings, lm_head,
+    norms, buffers -- every named tensor stored in the checkpoint, each once. Excluded
+    tensors (``--allow-mismatch``) are not in n and are listed with their reason.
+    ``changed`` per criterion follows :mod:`rlsparsity.analysis.criteria` (``bitwise``,
+    ``abs:TOL``, ``rel:TOL``; NaN/±0/subnormal rules are stated there), and
+    sparsity = 1 − changed / n.
+
+Mismatches
+    A tensor whose shapes differ, or that exists on one side only, stops the diff with an
+    error naming every such tensor and both shapes. With ``allow_mismatch`` they are
+    excluded instead and reported in ``excluded``. Tensors whose dtypes differ are compared
+    in a common dtype (see ``criteria.common_dtypes``) and listed in ``notes``.
+
+Tied weights
+    When a side's config.json sets ``tie_word_embeddings``, its ``lm_head.weight`` is the
+    input embedding. A missing ``lm_head.weight`` is then not an error, and a stored copy is
+    verified to be byte-identical to the embedding (if it differs it is treated as an
+    ordinary tensor, with a note). If both sides tie, lm_head is counted once, through the
+    embedding, and the pair is listed in ``tied``. If only one side ties, that side's
+    embedding is compared against the other side's lm_head, which is a parameter of its own
+    there. (safetensors files cannot alias storage, so there are no other in-file ties.)
+
+How it runs
+    Each tensor is split into units of ``unit_elems`` elements (default 2**20, one mask
+    chunk); a unit reads its element range of both files with ``preadv`` into per-thread
+    buffers and runs the one-pass kernel for all criteria. Units run on a thread pool (the
+    kernel and the reads release the GIL) or as batched Ray tasks, and results are consumed
+    in order through a bounded window, so memory is a few units per worker (plus, with a
+    mask, one tensor's boolean mask while it is written). Tensors are processed in the base
+    checkpoint's storage order so reads are sequential.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import numpy as np
+
+from rlsparsity.analysis.checkpoints import (
+    CHUNK_ELEMS,
+    DTYPES,
+    HASH_CHUNK_ELEMS,
+    Checkpoint,
+    CheckpointError,
+    Reader,
+    TensorInfo,
+    chunk_digest,
+    combine_tensor_digests,
+    open_checkpoint,
+    tensor_digest,
+)
+from rlsparsity.analysis.criteria import (
+    DEFAULT_CRITERIA,
+    TORCH_CONVERTED,
+    Criterion,
+    common_dtypes,
+    compare,
+    parse_criteria,
+)
+
+RESULT_FORMAT = "rlsparsity.diff/1"
+UNIT_ELEMS = CHUNK_ELEMS
+NON_LAYER = "(no layer number)"
+EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
+HEAD_NAME = "lm_head.weight"
+RAY_BATCH_BYTES = 256 << 20
+
+
+class DiffError(ValueError):
+    """The pair cannot be compared as asked (mismatched tensors, bad options)."""
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders layer numbers numerically (layers.2 before layers.10)."""
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", name)))
+
+
+def layer_group(name: str) -> str:
+    """The key's prefix up to its first numeric component (``model.layers.3``), else NON_LAYER."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return NON_LAYER
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class TensorResult:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    base_dtype: str
+    target_dtype: str
+    bitwise_dtype: str
+    compute_dtype: str
+    changed: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "numel": self.numel,
+            "dtype": {"base": self.base_dtype, "target": self.target_dtype, "bitwise": self.bitwise_dtype, "compute": self.compute_dtype},
+            "changed": self.changed,
+            "sparsity": {k: _sparsity(v, self.numel) for k, v in self.changed.items()},
+        }
+
+
+@dataclass
+class Excluded:
+    name: str
+    reason: str
+    base_shape: tuple[int, ...] | None = None
+    target_shape: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "reason": self.reason,
+            "base_shape": list(self.base_shape) if self.base_shape is not None else None,
+            "target_shape": list(self.target_shape) if self.target_shape is not None else None,
+        }
+
+
+def _sparsity(changed: int, total: int) -> float:
+    return 1.0 - changed / total if total else 1.0
+
+
+@dataclass
+class DiffResult:
+    base: dict[str, Any]
+    target: dict[str, Any]
+    criteria: list[Criterion]
+    tensors: list[TensorResult]
+    excluded: list[Excluded] = field(default_factory=list)
+    tied: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    rank: Any = None  # rank.RankResult when computed
+    mask: str | None = None
+    timing: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    def changed(self, criterion: Criterion | str) -> int:
+        key = str(criterion)
+        return sum(t.changed[key] for t in self.tensors)
+
+    def sparsity(self, criterion: Criterion | str) -> float:
+        return _sparsity(self.changed(criterion), self.total)
+
+    def per_layer(self) -> list[dict[str, Any]]:
+        """Totals grouped by :func:`layer_group`, layers in numeric order, non-layer last."""
+        groups: dict[str, dict[str, Any]] = {}
+        for t in self.tensors:
+            g = groups.setdefault(layer_group(t.name), {"tensors": 0, "numel": 0, "changed": dict.fromkeys(t.changed, 0)})
+            g["tensors"] += 1
+            g["numel"] += t.numel
+            for k, v in t.changed.items():
+                g["changed"][k] += v
+        order = sorted(groups, key=lambda g: (g == NON_LAYER, natural_key(g)))
+        return [
+            {"group": g, **groups[g], "sparsity": {k: _sparsity(v, groups[g]["numel"]) for k, v in groups[g]["changed"].items()}}
+            for g in order
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        total = self.total
+        return {
+            "format": RESULT_FORMAT,
+            "base": self.base,
+            "target": self.target,
+            "total": total,
+            "criteria": {
+                str(c): {**c.to_meta(), "changed": self.changed(c), "sparsity": self.sparsity(c)} for c in self.criteria
+            },
+            "tensors": [t.to_dict() for t in sorted(self.tensors, key=lambda t: natural_key(t.name))],
+            "layers": self.per_layer(),
+            "excluded": [e.to_dict() for e in self.excluded],
+            "tied": self.tied,
+            "notes": self.notes,
+            "rank": self.rank.to_dict() if self.rank is not None else None,
+            "mask": self.mask,
+            "timing": self.timing,
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass
+class PairPlan:
+    name: str
+    base: TensorInfo  # the stored tensor read on each side (an embedding for a tied lm_head)
+    target: TensorInfo
+
+
+@dataclass
+class Plan:
+    pairs: list[PairPlan]
+    excluded: list[Excluded]
+    tied: list[list[str]]
+    notes: list[str]
+
+
+def _same_bytes(reader: Reader, x: TensorInfo, y: TensorInfo, unit: int = 1 << 22) -> bool:
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    return all(
+        np.array_equal(reader.read_bytes(x, s, min(unit, x.numel - s)), reader.read_bytes(y, s, min(unit, x.numel - s)))
+        for s in range(0, x.numel, unit)
+    )
+
+
+def _tie_aliases(ck: Checkpoint, label: str, reader: Reader, notes: list[str]) -> dict[str, str]:
+    """``{lm_head key: embedding key}`` for a side that declares tied embeddings."""
+    if not ck.tie_word_embeddings:
+        return {}
+    embeds = [n for n in ck.tensors if n.endswith(EMBED_SUFFIXES)]
+    if len(embeds) != 1:
+        notes.append(f"{label}: config ties word embeddings but no single input embedding was found ({embeds}); no tie applied")
+        return {}
+    emb = embeds[0]
+    heads = [n for n in ck.tensors if n.endswith(HEAD_NAME)] or [HEAD_NAME]
+    head = heads[0]
+    stored = ck.tensors.get(head)
+    if stored is not None and not _same_bytes(reader, stored, ck.tensors[emb]):
+        notes.append(f"{label}: config ties word embeddings but the stored {head} differs from {emb}; compared as a separate tensor")
+        return {}
+    return {head: emb}
+
+
+def plan_diff(base: Checkpoint, target: Checkpoint, *, allow_mismatch: bool = False, reader: Reader | None = None) -> Plan:
+    """Match tensors of both sides; raise DiffError on mismatches unless ``allow_mismatch``."""
+    own = reader is None
+    reader = reader or Reader()
+    notes: list[str] = []
+    try:
+        alias_b = _tie_aliases(base, "base", reader, notes)
+        alias_t = _tie_aliases(target, "target", reader, notes)
+    finally:
+        if own:
+            reader.close()
+
+    def resolve(ck: Checkpoint, alias: dict[str, str], name: str) -> TensorInfo | None:
+        if name in alias:
+            return ck.tensors[alias[name]]
+        return ck.tensors.get(name)
+
+    names = set(base.tensors) | set(alias_b) | set(target.tensors) | set(alias_t)
+    pairs, excluded, tied, problems = [], [], [], []
+    for name in sorted(names, key=natural_key):
+        if name in alias_b and name in alias_t:
+            tied.append([alias_b[name], name])
+            continue
+        a, b = resolve(base, alias_b, name), resolve(target, alias_t, name)
+        if a is None or b is None:
+            side = "base" if a is not None else "target"
+            shape = (a or b).shape
+            reason = f"only in {side} (shape {list(shape)})"
+            excluded.append(Excluded(name, reason, a.shape if a else None, b.shape if b else None))
+            problems.append(f"{name}: {reason}")
+        elif a.shape != b.shape:
+            reason = f"shape mismatch: base {list(a.shape)} vs target {list(b.shape)}"
+            excluded.append(Excluded(name, reason, a.shape, b.shape))
+            problems.append(f"{name}: {reason}")
+        elif a.dtype not in DTYPES or b.dtype not in DTYPES:
+            reason = f"unsupported dtype: base {a.dtype} vs target {b.dtype}"
+            excluded.append(Excluded(name, reason, a.shape, b.shape))
+            problems.append(f"{name}: {reason}")
+        else:
+            for side, alias in (("base", alias_b), ("target", alias_t)):
+                if name in alias:
+                    notes.append(f"{name}: tied to {alias[name]} in {side} only; compared as that embedding")
+            pairs.append(PairPlan(name, a, b))
+    if problems and not allow_mismatch:
+        shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
+        hint = ""
+        if any("lm_head" in p and "only in" in p for p in problems):
+            hint = "\nIf the model ties lm_head to the input embedding, its config.json should set tie_word_embeddings."
+        raise DiffError(
+            f"{len(problems)} tensor(s) cannot be compared:\n  {shown}{hint}\n"
+            "Use --allow-mismatch to exclude them (they are then listed under 'excluded' and not counted in n)."
+        )
+    file_order = {str(f): i for i, f in enumerate(base.files)}
+    pairs.sort(key=lambda p: (file_order.get(p.base.file, len(file_order)), p.base.offset, natural_key(p.name)))
+    mixed = [p for p in pairs if p.base.dtype != p.target.dtype]
+    if mixed:
+        kinds = sorted({(p.base.dtype, p.target.dtype) for p in mixed})
+        desc = ", ".join(
+            f"{x}->{y} (bitwise in {common_dtypes(DTYPES[x], DTYPES[y])[0]})" for x, y in kinds
+        )
+        notes.append(f"{len(mixed)} tensor(s) have different dtypes on the two sides: {desc}; e.g. {mixed[0].name}")
+    return Plan(pairs=pairs, excluded=excluded, tied=tied, notes=notes)
+
+
+# ----------------------------------------------------------------------------- units
+
+
+@dataclass
+class _Task:
+    pair: int  # index into plan.pairs, or -1 for a hash-only task
+    a: TensorInfo | None
+    b: TensorInfo | None
+    start: int
+    count: int
+    mask: bool = False
+    hash_a: bool = False
+    hash_b: bool = False
+
+
+@dataclass
+class _Out:
+    pair: int
+    name_a: str | None
+    name_b: str | None
+    counts: list[int] | None
+    bits: bytes | None
+    digests_a: list[bytes] | None
+    digests_b: list[bytes] | None
+    nbytes: int
+    dtypes: tuple[str, str] | None
+
+
+_tls = threading.local()
+_TORCH_CODES = {code for code, name in DTYPES.items() if name in TORCH_CONVERTED}
+
+
+@contextmanager
+def _single_threaded_torch(needed: bool) -> Iterator[None]:
+    """float16/fp8 conversions go through torch; with several worker threads, torch's own
+    intra-op threads would only oversubscribe the cores. bf16/f32 runs never import torch."""
+    torch = sys.modules.get("torch")
+    if needed and torch is None:
+        import torch
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _buffer(slot: str, nbytes: int) -> np.ndarray:
+    buf = getattr(_tls, slot, None)
+    if buf is None or buf.size < nbytes:
+        buf = np.empty(nbytes, dtype=np.uint8)
+        setattr(_tls, slot, buf)
+    return buf
+
+
+def _digests(raw: np.ndarray, count: int, itemsize: int) -> list[bytes]:
+    step = HASH_CHUNK_ELEMS * itemsize
+    return [chunk_digest(raw[s : s + step]) for s in range(0, count * itemsize, step)]
+
+
+def _run_task(t: _Task, criteria: Sequence[Criterion], reader: Reader) -> _Out:
+    ra = rb = None
+    nbytes = 0
+    if t.a is not None:
+        ra = reader.read_bytes(t.a, t.start, t.count, _buffer("a", t.count * t.a.itemsize))
+        nbytes += ra.size
+    if t.b is not None:
+        rb = reader.read_bytes(t.b, t.start, t.count, _buffer("b", t.count * t.b.itemsize))
+        nbytes += rb.size
+    da = _digests(ra, t.count, t.a.itemsize) if t.hash_a else None
+    db = _digests(rb, t.count, t.b.itemsize) if t.hash_b else None
+    head = (t.pair, t.a.name if t.a else None, t.b.name if t.b else None)
+    if t.pair < 0 or t.count == 0:
+        return _Out(*head, None if t.pair < 0 else [0] * len(criteria), b"" if t.mask else None, da, db, nbytes, None)
+    cmp = compare(
+        ra.view(t.a.storage), rb.view(t.b.storage), criteria,
+        masks=[0] if t.mask else (), packed=True, dtypes=(t.a.dtype_name, t.b.dtype_name),
+    )
+    bits = cmp.masks[0].tobytes() if t.mask else None
+    return _Out(*head, cmp.counts, bits, da, db, nbytes, (cmp.bitwise_dtype, cmp.compute_dtype))
+
+
+def _ordered(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, window: int) -> Iterator[Any]:
+    """``map(fn, items)`` on a thread pool, yielding in order with at most ``window`` in flight."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    it = iter(items)
+    with ThreadPoolExecutor(workers, thread_name_prefix="rlsparsity-diff") as ex:
+        pending = deque(ex.submit(fn, x) for x in islice(it, window))
+        try:
+            while pending:
+                res = pending.popleft().result()
+                for x in islice(it, 1):
+                    pending.append(ex.submit(fn, x))
+                yield res
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+# Ray: tasks are JSON-like dicts so workers need nothing but this module and the files.
+
+
+def _task_to_dict(t: _Task) -> dict[str, Any]:
+    return {
+        "pair": t.pair, "start": t.start, "count": t.count, "mask": t.mask, "hash_a": t.hash_a, "hash_b": t.hash_b,
+        "a": t.a.to_dict() if t.a else None, "b": t.b.to_dict() if t.b else None,
+    }
+
+
+def _ray_batch(tasks: list[dict[str, Any]], criteria: list[str]) -> list[dict[str, Any]]:
+    crit = parse_criteria(criteria)
+    out = []
+    needs_torch = any(d[s]["dtype"] in _TORCH_CODES for d in tasks for s in ("a", "b") if d[s])
+    with _single_threaded_torch(needs_torch), Reader() as reader:
+        for d in tasks:
+            t = _Task(
+                d["pair"], TensorInfo.from_dict(d["a"]) if d["a"] else None, TensorInfo.from_dict(d["b"]) if d["b"] else None,
+                d["start"], d["count"], d["mask"], d["hash_a"], d["hash_b"],
+            )
+            out.append(_run_task(t, crit, reader).__dict__)
+    return out
+
+
+def _ray_ordered(tasks: Iterable[_Task], criteria: Sequence[Criterion]) -> Iterator[_Out]:
+    import ray
+
+    remote = ray.remote(num_cpus=1)(_ray_batch)
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    crit = [str(c) for c in criteria]
+
+    def batches() -> Iterator[list[dict[str, Any]]]:
+        batch, size = [], 0
+        for t in tasks:
+            batch.append(_task_to_dict(t))
+            size += t.count * ((t.a.itemsize if t.a else 0) + (t.b.itemsize if t.b else 0))
+            if size >= RAY_BATCH_BYTES:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    it = batches()
+    pending = deque(remote.remote(b, crit) for b in islice(it, window))
+    while pending:
+        res = ray.get(pending.popleft())
+        for b in islice(it, 1):
+            pending.append(remote.remote(b, crit))
+        for d in res:
+            d["dtypes"] = tuple(d["dtypes"]) if d["dtypes"] else None
+            yield _Out(**d)
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def diff_checkpoints(
+    base: Checkpoint,
+    target: Checkpoint,
+    criteria: Sequence[Criterion | str] = DEFAULT_CRITERIA,
+    *,
+    allow_mismatch: bool = False,
+    workers: int | None = None,
+    mask_path: str | os.PathLike | None = None,
+    content_hash: bool | None = None,
+    rank: bool = False,
+    rank_max_dim: int | None = None,
+    use_ray: bool = False,
+    ray_address: str | None = None,
+    unit_elems: int = UNIT_ELEMS,
+    progress: Callable[[int], None] | None = None,
+) -> DiffResult:
+    """Diff two resolved checkpoints. See the module docstring for what is counted.
+
+    ``mask_path`` writes the mask of the first criterion (``rlsparsity.mask/1``).
+    ``content_hash`` (default: on when a mask is written) digests both sides while reading.
+    ``progress`` is called with the number of bytes read after every unit.
+    """
+    crits: list[Criterion] = []
+    for c in criteria:
+        crits.extend(x for x in ([c] if isinstance(c, Criterion) else parse_criteria(c)) if x not in crits)
+    if not crits:
+        raise DiffError("no criterion given")
+    if unit_elems <= 0 or unit_elems % 8:
+        raise DiffError("unit_elems must be a positive multiple of 8")
+    want_hash = bool(mask_path) if content_hash is None else content_hash
+    if want_hash and unit_elems % HASH_CHUNK_ELEMS:
+        unit_elems = HASH_CHUNK_ELEMS * max(1, round(unit_elems / HASH_CHUNK_ELEMS))
+    workers = max(1, workers or len(os.sched_getaffinity(0)))
+    t0 = time.perf_counter()
+    reader = Reader()
+    started_ray = False
+    writer: Any = None  # mask.MaskWriter; pyarrow is imported only when a mask is written
+    try:
+        plan = plan_diff(base, target, allow_mismatch=allow_mismatch, reader=reader)
+        base_meta, target_meta = base.describe(), target.describe()
+
+        # Hash each stored tensor once: in the task that reads it, else in a hash-only task.
+        hashed_a: set[str] = set()
+        hashed_b: set[str] = set()
+
+        def tasks() -> Iterator[_Task]:
+            for i, p in enumerate(plan.pairs):
+                ha = want_hash and p.base.name not in hashed_a
+                hb = want_hash and p.target.name not in hashed_b
+                if ha:
+                    hashed_a.add(p.base.name)
+                if hb:
+                    hashed_b.add(p.target.name)
+                n = p.base.numel
+                for s in range(0, max(n, 1), unit_elems):
+                    yield _Task(i, p.base, p.target, s, min(unit_elems, n - s), bool(mask_path), ha, hb)
+            if want_hash:
+                for ck, done, side in ((base, hashed_a, "a"), (target, hashed_b, "b")):
+                    for name, info in ck.tensors.items():
+                        if name in done:
+                            continue
+                        for s in range(0, info.numel, unit_elems):
+                            c = min(unit_elems, info.numel - s)
+                            if side == "a":
+                                yield _Task(-1, info, None, s, c, hash_a=True)
+                            else:
+                                yield _Task(-1, None, info, s, c, hash_b=True)
+
+        if mask_path:
+            from rlsparsity.analysis.mask import MaskWriter
+
+            bits_dts = sorted({common_dtypes(p.base.dtype_name, p.target.dtype_name)[0] for p in plan.pairs})
+            writer = MaskWriter(
+                mask_path,
+                criterion=crits[0].to_meta(),
+                dtype=bits_dts[0] if len(bits_dts) == 1 else "mixed:" + ",".join(bits_dts),
+                base=base_meta,  # hashes are filled into these dicts before close()
+                target=target_meta,
+                tied=plan.tied,
+                extra={
+                    "tool": "rlsparsity diff",
+                    "compute_dtype": "float32 (float64 for 64-bit/int32 sources)",
+                    "excluded": [e.to_dict() for e in plan.excluded],
+                },
+            )
+
+        if use_ray:
+            import ray
+
+            if not ray.is_initialized():
+                ray.init(address=ray_address, log_to_driver=False)
+                started_ray = True
+            outs = _ray_ordered(tasks(), crits)
+        else:
+            outs = _ordered(lambda t: _run_task(t, crits, reader), tasks(), workers, 2 * workers + 2)
+
+        needs_torch = any(x.dtype in _TORCH_CODES for p in plan.pairs for x in (p.base, p.target))
+        with _single_threaded_torch(needs_torch):
+            results, digests = _consume(plan, crits, outs, writer, progress)
+        nbytes = digests.pop("__bytes__")
+
+        if want_hash:
+            for meta, ck, side in ((base_meta, base, "a"), (target_meta, target, "b")):
+                meta["hash"] = combine_tensor_digests(
+                    {n: (i.dtype, i.shape, tensor_digest(digests[side].get(n, []))) for n, i in ck.tensors.items()}
+                )
+        if writer is not None:
+            from rlsparsity.analysis.mask import read_meta
+
+            writer.close()
+            meta = read_meta(mask_path)
+            if want_hash and meta["base"].get("hash") != base_meta["hash"]:
+                raise AssertionError("MaskWriter no longer keeps the base/target dicts by reference")
+            writer = None
+
+        rank_result = None
+        if rank:
+            from rlsparsity.analysis.rank import DEFAULT_MAX_DIM, update_rank
+
+            rank_result = update_rank(
+                [(p.name, p.base, p.target) for p in plan.pairs],
+                max_dim=DEFAULT_MAX_DIM if rank_max_dim is None else rank_max_dim,
+                workers=workers,
+                use_ray=use_ray,
+            )
+        wall = time.perf_counter() - t0
+        return DiffResult(
+            base=base_meta,
+            target=target_meta,
+            criteria=crits,
+            tensors=results,
+            excluded=plan.excluded,
+            tied=plan.tied,
+            notes=plan.notes,
+            rank=rank_result,
+            mask=str(mask_path) if mask_path else None,
+            timing={
+                "wall_s": wall,
+                "bytes_read": nbytes,
+                "bytes_per_s": nbytes / wall if wall > 0 else None,
+                "workers": workers,
+                "backend": "ray" if use_ray else "threads",
+                "unit_elems": unit_elems,
+            },
+        )
+    finally:
+        if writer is not None:
+            writer.abort()
+        reader.close()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _consume(
+    plan: Plan,
+    crits: list[Criterion],
+    outs: Iterator[_Out],
+    writer: Any,
+    progress: Callable[[int], None] | None,
+) -> tuple[list[TensorResult], dict[str, Any]]:
+    """Fold unit results (in task order) into per-tensor results, mask rows and digests."""
+    keys = [str(c) for c in crits]
+    results: list[TensorResult] = []
+    digests: dict[str, Any] = {"a": {}, "b": {}, "__bytes__": 0}
+    cur = -1
+    counts = np.zeros(len(crits), dtype=np.int64)
+    bits: list[bytes] = []
+    dtypes: tuple[str, str] | None = None
+
+    def finish(i: int) -> None:
+        p = plan.pairs[i]
+        bd, cd = dtypes or common_dtypes(p.base.dtype_name, p.target.dtype_name)
+        results.append(
+            TensorResult(p.name, p.base.shape, p.base.numel, p.base.dtype_name, p.target.dtype_name,
+                         bd, cd, {k: int(v) for k, v in zip(keys, counts, strict=True)})
+        )
+        if writer is not None:
+            packed = np.frombuffer(b"".join(bits), dtype=np.uint8)
+            # MaskWriter.add takes one boolean array per tensor (1 byte/element, transient).
+            mask = np.unpackbits(packed, count=p.base.numel, bitorder="little").view(bool)
+            writer.add(p.name, p.base.shape, mask)
+
+    for o in outs:
+        digests["__bytes__"] += o.nbytes
+        if progress:
+            progress(o.nbytes)
+        if o.digests_a is not None:
+            digests["a"].setdefault(o.name_a, []).extend(o.digests_a)
+        if o.digests_b is not None:
+            digests["b"].setdefault(o.name_b, []).extend(o.digests_b)
+        if o.counts is None:  # hash-only unit
+            continue
+        if o.pair != cur:
+            if cur >= 0:
+                finish(cur)
+            cur, bits, dtypes = o.pair, [], None
+            counts[:] = 0
+        counts += np.asarray(o.counts, dtype=np.int64)
+        if o.dtypes is not None:
+            dtypes = o.dtypes
+        if o.bits is not None:
+            bits.append(o.bits)
+    if cur >= 0:
+        finish(cur)
+    done = {r.name for r in results}
+    for i, p in enumerate(plan.pairs):  # tensors that produced no counted unit (cannot happen; be safe)
+        if p.name not in done:
+            raise AssertionError(f"internal: no result for {p.name} (pair {i})")
+    return results, digests
+
+
+def diff(
+    base: str | os.PathLike,
+    target: str | os.PathLike,
+    criteria: Sequence[Criterion | str] = DEFAULT_CRITERIA,
+    *,
+    base_revision: str | None = None,
+    target_revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> DiffResult:
+    """Resolve both sides (local path or hub id) and diff them; kwargs as :func:`diff_checkpoints`."""
+    b = open_checkpoint(base, revision=base_revision, cache_dir=cache_dir, label="base")
+    t = open_checkpoint(target, revision=target_revision, cache_dir=cache_dir, label="target")
+    return diff_checkpoints(b, t, criteria, **kwargs)
+
+
+__all__ = [
+    "CheckpointError",
+    "DiffError",
+    "DiffResult",
+    "Excluded",
+    "Plan",
+    "TensorResult",
+    "diff",
+    "diff_checkpoints",
+    "layer_group",
+    "natural_key",
+    "plan_diff",
+]

@@ -1,0 +1,218 @@
+"""Criterion parsing and the one-pass kernel, checked against an independent numpy brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rlsparsity.analysis import criteria as C
+from rlsparsity.analysis.criteria import (
+    BITWISE,
+    Criterion,
+    CriterionError,
+    changed_mask,
+    compare,
+    count_changed,
+    parse_criteria,
+    parse_criterion,
+)
+
+TABLE6 = "abs:1e-8,1e-7,1e-6,1e-5"
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def test_parse_single_and_lists() -> None:
+    assert parse_criterion("bitwise") == BITWISE
+    assert parse_criterion("abs:1e-5") == Criterion("abs", 1e-5)
+    assert parse_criterion(" REL : 1e-3 ") == Criterion("rel", 1e-3)
+    crits = parse_criteria(["bitwise", TABLE6, "rel:1e-3", "abs:1e-5"])
+    assert [str(c) for c in crits] == ["bitwise", "abs:1e-8", "abs:1e-7", "abs:1e-6", "abs:1e-5", "rel:0.001"]
+    assert str(Criterion("abs", 2.5e-6)) == "abs:2.5e-6"
+    assert Criterion("abs", 1e-5).to_meta() == {"mode": "abs", "tol": 1e-5, "spec": "abs:1e-5"}
+
+
+@pytest.mark.parametrize("bad", ["", "abs", "abs:", "abs:x", "abs:-1", "abs:nan", "rel:inf", "bitwise:1", "close:1e-5", "abs:1e-5,"])
+def test_parse_errors(bad: str) -> None:
+    with pytest.raises(CriterionError):
+        parse_criteria(bad)
+
+
+def test_parse_criterion_rejects_lists() -> None:
+    with pytest.raises(CriterionError, match="parse_criteria"):
+        parse_criterion(TABLE6)
+
+
+# ----------------------------------------------------------------------------- brute force
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """Raw stored bits as unsigned integers (independent of the kernel's views)."""
+    raw = t.contiguous().view(torch.uint8).numpy()
+    return raw.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[t.element_size()])
+
+
+def _as_f32(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:  # bf16 -> f32 is a 16-bit shift of the bits
+        return (_bits(t).astype(np.uint32) << 16).view(np.float32)
+    if t.dtype == torch.float16:
+        return _bits(t).view(np.float16).astype(np.float32)
+    return t.numpy().astype(np.float32)
+
+
+def brute(a: torch.Tensor, b: torch.Tensor, crit: Criterion) -> np.ndarray:
+    """Definition-level reference: float32 arithmetic, TOL compared in float64."""
+    fa, fb = _as_f32(a).reshape(-1), _as_f32(b).reshape(-1)
+    if a.dtype == b.dtype:
+        bits = _bits(a).reshape(-1) != _bits(b).reshape(-1)
+    else:
+        bits = fa.view(np.uint32) != fb.view(np.uint32)
+    if crit.mode == "bitwise":
+        return bits
+    with np.errstate(all="ignore"):
+        d = np.abs(fb - fa)
+        finite = np.isfinite(d)
+        if crit.mode == "abs":
+            test = d.astype(np.float64) > crit.tol
+        else:
+            test = d > np.float32(crit.tol) * np.maximum(np.abs(fa), np.abs(fb))
+    return np.where(finite, test, bits)
+
+
+def _random_pair(n: int, dtype: torch.dtype, seed: int, *, specials: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    a32 = torch.randn(n, generator=g) * torch.logspace(-9, 0, n)[torch.randperm(n, generator=g)]
+    a = a32.to(dtype)
+    scale = torch.logspace(-9, -3, 7)[torch.randint(0, 7, (n,), generator=g)]
+    upd = torch.rand(n, generator=g) < 0.4
+    b = (a.float() + upd * torch.randn(n, generator=g) * scale).to(dtype)
+    if specials:
+        idx = torch.randperm(n, generator=g)[:60]
+        vals = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-40, -1e-41, 3e38]
+        for k, i in enumerate(idx.tolist()):
+            a[i] = vals[k % len(vals)]
+            b[i] = vals[(k * 3 + k // len(vals)) % len(vals)]
+        a[idx[:5]] = b[idx[:5]] = float("nan")  # identical NaN bits: unchanged
+    return a, b
+
+
+ALL = parse_criteria(["bitwise", TABLE6, "abs:0", "abs:1e-3", "rel:1e-3,1e-2,0"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_kernel_matches_brute_force(dtype: torch.dtype, backend: str) -> None:
+    n = C.BLOCK_ELEMS + 12345  # crosses a block boundary with a short last block
+    a, b = _random_pair(n, dtype, seed=len(str(dtype)) + 7 * len(backend))
+    res = compare(a, b, ALL, masks=range(len(ALL)), backend=backend)
+    for i, c in enumerate(ALL):
+        ref = brute(a, b, c)
+        assert res.counts[i] == int(ref.sum()), str(c)
+        np.testing.assert_array_equal(res.masks[i], ref, err_msg=str(c))
+
+
+@pytest.mark.parametrize("pair", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16), (torch.float32, torch.float16)])
+def test_kernel_mixed_dtypes(pair: tuple[torch.dtype, torch.dtype]) -> None:
+    a, b0 = _random_pair(50_000, torch.float32, seed=3, specials=False)
+    a, b = a.to(pair[0]), b0.to(pair[1])
+    res = compare(a, b, ALL)
+    assert res.bitwise_dtype == "float32" and res.compute_dtype == "float32"
+    for i, c in enumerate(ALL):
+        assert res.counts[i] == int(brute(a, b, c).sum()), str(c)
+    # The same values in two dtypes are unchanged under every criterion.
+    x = torch.randn(1000).bfloat16()
+    assert count_changed(x, x.float(), ALL) == [0] * len(ALL)
+
+
+def test_packed_masks_equal_unpacked() -> None:
+    a, b = _random_pair(100_003, torch.bfloat16, seed=5)
+    crits = parse_criteria(["abs:1e-6", "bitwise"])
+    packed = compare(a, b, crits, masks=[0, 1], packed=True)
+    plain = compare(a, b, crits, masks=[0, 1])
+    for i in (0, 1):
+        np.testing.assert_array_equal(np.unpackbits(packed.masks[i], count=a.numel(), bitorder="little").astype(bool), plain.masks[i])
+    m = changed_mask(a.reshape(1, -1), b.reshape(1, -1), crits[0])
+    assert m.shape == (1, a.numel()) and int(m.sum()) == plain.counts[0]
+
+
+# ----------------------------------------------------------------------------- stated semantics
+
+
+def _bf16_from_bits(*bits: int) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def test_special_values_bf16() -> None:
+    # pairs (θ0 bits, θ1 bits) -> expected (bitwise, abs:1e-8, abs:0, rel:1e-3)
+    cases = {
+        (0x7FC0, 0x7FC0): (0, 0, 0, 0),  # identical NaN
+        (0x7FC0, 0x7FC1): (1, 1, 1, 1),  # NaN -> NaN with another payload
+        (0x3F80, 0x7FC0): (1, 1, 1, 1),  # 1.0 -> NaN
+        (0x7F80, 0x7F80): (0, 0, 0, 0),  # inf -> inf (inf - inf is NaN, but bits equal)
+        (0x3F80, 0x7F80): (1, 1, 1, 1),  # 1.0 -> inf
+        (0x7F80, 0xFF80): (1, 1, 1, 1),  # inf -> -inf
+        (0x0000, 0x8000): (1, 0, 0, 0),  # +0 -> -0
+        (0x0000, 0x0001): (1, 0, 1, 1),  # 0 -> smallest subnormal (9.2e-41)
+        (0x0001, 0x0001): (0, 0, 0, 0),  # subnormal unchanged
+        (0x0001, 0x0002): (1, 0, 1, 1),  # subnormal -> next subnormal
+        (0x7F7F, 0xFF7F): (1, 1, 1, 1),  # max -> -max: Δ overflows float32
+    }
+    a = _bf16_from_bits(*(k[0] for k in cases))
+    b = _bf16_from_bits(*(k[1] for k in cases))
+    crits = parse_criteria(["bitwise", "abs:1e-8", "abs:0", "rel:1e-3"])
+    for backend in ("numpy", "torch"):
+        res = compare(a, b, crits, masks=range(4), backend=backend)
+        for j, (_, want) in enumerate(cases.items()):
+            got = tuple(int(res.masks[i][j]) for i in range(4))
+            assert got == want, (backend, hex(int(a.view(torch.int16)[j])), hex(int(b.view(torch.int16)[j])))
+
+
+@pytest.mark.parametrize("tol", [1e-8, 1e-7, 1e-6, 1e-5, 3e-6, 0.1])
+def test_abs_threshold_is_exact_in_float32(tol: float) -> None:
+    """|Δ| > TOL as real numbers, even where float32(TOL) rounds up (1e-7, 1e-6, 0.1)."""
+    t32 = np.float32(tol)
+    below = t32 if float(t32) <= tol else np.nextafter(t32, np.float32(0))
+    above = np.nextafter(below, np.float32(1))
+    vals = np.array([below, above, -below, -above, np.nextafter(below, np.float32(0))], dtype=np.float32)
+    a = torch.zeros(len(vals))
+    b = torch.from_numpy(vals)
+    res = compare(a, b, [Criterion("abs", tol)], masks=[0])
+    assert res.masks[0].tolist() == [False, True, False, True, False]
+    assert compare(a, b, [Criterion("abs", tol)], backend="torch").counts == [2]
+
+
+def test_rel_definition() -> None:
+    a = torch.tensor([1.0, 1.0, 100.0, -2.0, 0.0])
+    b = torch.tensor([1.0011, 1.0009, 100.2, -2.0, 1e-30])
+    assert compare(a, b, [Criterion("rel", 1e-3)], masks=[0]).masks[0].tolist() == [True, False, True, False, True]
+
+
+def test_bitwise_fast_path_counts_only() -> None:
+    a = torch.randn(10_000).bfloat16()
+    b = a.clone()
+    b[::7] = (b[::7].float() * 1.5).bfloat16()
+    assert count_changed(a, b, [BITWISE]) == [int((a.view(torch.int16) != b.view(torch.int16)).sum())]
+    assert count_changed(a, a.clone(), ALL) == [0] * len(ALL)
+
+
+def test_shape_and_dtype_errors() -> None:
+    with pytest.raises(ValueError, match="elements"):
+        compare(torch.zeros(3), torch.zeros(4), [BITWISE])
+    with pytest.raises(TypeError, match="complex"):
+        compare(torch.zeros(3, dtype=torch.complex64), torch.zeros(3, dtype=torch.complex64), [BITWISE])
+
+
+def test_numpy_only_path_for_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without torch loaded (the CLI's case) bf16 is widened by a bit shift: same results."""
+    from types import SimpleNamespace
+
+    a, b = _random_pair(C.BLOCK_ELEMS + 999, torch.bfloat16, seed=11)
+    ra, rb = _bits(a), _bits(b)
+    monkeypatch.setattr(C, "sys", SimpleNamespace(modules={}))
+    res = compare(ra, rb, ALL, masks=range(len(ALL)), dtypes=("bfloat16", "bfloat16"))
+    mixed = compare(ra, b.float().numpy(), ALL, dtypes=("bfloat16", None))
+    for i, c in enumerate(ALL):
+        np.testing.assert_array_equal(res.masks[i], brute(a, b, c), err_msg=str(c))
+        assert mixed.counts[i] == int(brute(a, b.float(), c).sum()), str(c)

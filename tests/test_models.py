@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -230,22 +229,18 @@ def test_resolve_unknown_embedded_name() -> None:
 # ----------------------------------------------------------------------------- content hash
 
 
-def test_model_content_hash(tmp_path: Path) -> None:
+def test_model_content_hash_matches_diff_and_tracks_the_bytes(tmp_path: Path) -> None:
+    from rlsparsity.analysis.checkpoints import CheckpointError, content_hash, open_checkpoint
+
     model = LlamaForCausalLM(models.llama_config(get_recipe("tiny-arith"), build_tokenizer()))
     model.save_pretrained(tmp_path)
-    files = sorted(tmp_path.glob("*.safetensors"))
-    assert [f.name for f in files] == ["model.safetensors"]
-    expected = hashlib.sha256(files[0].read_bytes()).hexdigest()
-    assert model_content_hash(tmp_path) == expected
-    assert (tmp_path / models.HASH_SIDECAR).exists()
-    assert model_content_hash(tmp_path) == expected  # from the sidecar
-    # A changed file invalidates the sidecar (size/mtime key).
-    data = bytearray(files[0].read_bytes())
-    data[-1] ^= 1
-    files[0].write_bytes(bytes(data))
-    os.utime(files[0], ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert model_content_hash(tmp_path) == hashlib.sha256(bytes(data)).hexdigest()
-    with pytest.raises(ValueError, match="safetensors"):
+    h = model_content_hash(tmp_path)
+    assert h.startswith("sha256:") and h == content_hash(open_checkpoint(tmp_path))
+    with torch.no_grad():
+        model.model.norm.weight[0] += 1.0
+    model.save_pretrained(tmp_path)
+    assert model_content_hash(tmp_path) != h
+    with pytest.raises(CheckpointError, match="nothing-here"):
         model_content_hash(tmp_path / "nothing-here")
 
 

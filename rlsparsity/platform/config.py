@@ -23,6 +23,7 @@ class MaskSpec(_Strict):
 class TrainingSpec(_Strict):
     steps: int = Field(30, ge=1)
     lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warmup, then constant")
     weight_decay: float = Field(0.0, ge=0)
     prompts_per_step: int = Field(16, ge=1, description="prompts (online) or examples (offline) per step")
     samples_per_prompt: int = Field(4, ge=1, description="the GRPO group size")

@@ -26,11 +26,9 @@ from rlsparsity.platform.config import TrialSpec
 from rlsparsity.platform.mask_recorder import MaskRecorder
 from rlsparsity.platform.models import load_model, load_tokenizer
 from rlsparsity.platform.rollout import generate_sharded
-from rlsparsity.platform.tasks import get_task, reward, sft_examples
+from rlsparsity.platform.tasks import get_task, reward
 from rlsparsity.platform.tracking import Tracker
 from rlsparsity.platform.weight_sync import Bf16SyncState
-
-TRAIN_POOL = 4096  # problems the sampler draws from per trial
 
 
 def tied_groups(model: torch.nn.Module) -> list[list[str]]:
@@ -47,15 +45,16 @@ def greedy_accuracy(actors: list, tok, problems, max_new_tokens: int) -> float:
     return float(np.mean([reward(tok.decode(o[0], skip_special_tokens=True), p.answer) for o, p in zip(outs, problems, strict=True)]))
 
 
-def _picks(spec: TrialSpec, step: int, rank: int, world: int, pool_size: int) -> np.ndarray:
-    # Seeded by (trial seed, step): the same trial draws the same batches; ranks take disjoint shares.
-    rng = np.random.default_rng([spec.seed, step])
-    return rng.choice(pool_size, size=spec.training.prompts_per_step * world, replace=False)[rank::world]
+def _step_problems(task, spec: TrialSpec, step: int, rank: int, world: int) -> list:
+    # Fresh train problems every step, seeded by (trial seed, step): the same trial draws the
+    # same batches, ranks take disjoint shares, and nothing is revisited to be memorised.
+    n = spec.training.prompts_per_step * world
+    return task.problems("train", n, seed=spec.seed * 1_000_003 + step)[rank::world]
 
 
-def _rollout_batch(spec: TrialSpec, step: int, rank: int, world: int, actors, tok, pool) -> tuple[StepBatch, dict]:
+def _rollout_batch(spec: TrialSpec, step: int, rank: int, world: int, actors, tok, task) -> tuple[StepBatch, dict]:
     t = spec.training
-    problems = [pool[i] for i in _picks(spec, step, rank, world, len(pool))]
+    problems = _step_problems(task, spec, step, rank, world)
     outs = generate_sharded(
         actors, [p.prompt for p in problems], n=t.samples_per_prompt, temperature=t.temperature,
         max_new_tokens=t.max_new_tokens, seed=spec.seed * 100_003 + step * world + rank,
@@ -72,10 +71,10 @@ def _rollout_batch(spec: TrialSpec, step: int, rank: int, world: int, actors, to
     return batch, {"reward": r.mean().item()}
 
 
-def _dataset_batch(spec: TrialSpec, step: int, rank: int, world: int, tok, examples) -> tuple[StepBatch, dict]:
-    picks = _picks(spec, step, rank, world, len(examples))
-    prompts = [tok(examples[i][0])["input_ids"] for i in picks]
-    completions = [tok(examples[i][1], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for i in picks]
+def _dataset_batch(spec: TrialSpec, step: int, rank: int, world: int, tok, task) -> tuple[StepBatch, dict]:
+    examples = [task.render(p, spec.training.sft_style) for p in _step_problems(task, spec, step, rank, world)]
+    prompts = [tok(prompt)["input_ids"] for prompt, _ in examples]
+    completions = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, c in examples]
     return StepBatch(build_batch(prompts, completions, tok.pad_token_id)), {}
 
 
@@ -100,6 +99,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
     named = list(policy.named_parameters())
     model = ray.train.torch.prepare_model(policy, move_to_device=False) if world > 1 else policy
     opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    # Linear warmup: Adam's first steps move every weight by about lr whatever the gradient's
+    # size, which on noisy policy gradients is a random kick to the whole model.
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (t.warmup_steps + 1)))
 
     if rank == 0:
         run_id = cfg["run_id"]
@@ -109,26 +111,22 @@ def train_loop(cfg: dict[str, Any]) -> None:
         test = task.problems("test", t.eval_problems, seed=10_000)
         acc_before = greedy_accuracy(actors, tok, test, t.max_new_tokens)
         tracker.log_metrics(run_id, {"test_accuracy_before": acc_before}, step=0)
-        workdir = Path(tempfile.mkdtemp(prefix="rlsparsity-masks-"))
         sync_bytes = dense_bytes = 0
-    if algo.source == "rollouts":
-        pool = task.problems("train", TRAIN_POOL, seed=spec.seed)
-    else:
-        examples = sft_examples(task, TRAIN_POOL, seed=spec.seed, style=t.sft_style)
 
     for step in range(1, t.steps + 1):
         t0 = time.perf_counter()
         if algo.source == "rollouts":
-            batch, metrics = _rollout_batch(spec, step, rank, world, actors, tok, pool)
+            batch, metrics = _rollout_batch(spec, step, rank, world, actors, tok, task)
         else:
-            batch, metrics = _dataset_batch(spec, step, rank, world, tok, examples)
+            batch, metrics = _dataset_batch(spec, step, rank, world, tok, task)
         loss, loss_metrics = algo.loss(model, reference, batch, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if t.max_grad_norm is not None:
             metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.max_grad_norm).item()
         opt.step()
-        metrics.update(loss=loss.item(), **loss_metrics)
+        schedule.step()
+        metrics.update(loss=loss.item(), lr=schedule.get_last_lr()[0], **loss_metrics)
 
         if rank == 0:
             patch = sync.diff(named)
@@ -139,8 +137,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
                            step_changed_frac_bf16=patch.changed / (patch.dense_bytes / 2))
             if step % t.masks.every == 0 or step == t.steps:
                 name = "final.arrow" if step == t.steps else f"step_{step:06d}.arrow"
-                stats = recorder.record(named, workdir / name, target={"run_id": run_id, "step": step})
-                tracker.log_artifact(run_id, workdir / name, "masks")
+                with tempfile.TemporaryDirectory(prefix="rlsparsity-mask-") as workdir:
+                    stats = recorder.record(named, Path(workdir) / name, target={"run_id": run_id, "step": step})
+                    tracker.log_artifact(run_id, Path(workdir) / name, "masks")
                 metrics.update(stats.metrics())
             metrics["step_time_s"] = time.perf_counter() - t0
             tracker.log_metrics(run_id, metrics, step=step)

@@ -70,7 +70,6 @@ REQUIRED_FILES = (
     "recipe.json",
     "eval.json",
 )
-HASH_SIDECAR = ".rlsparsity-content-hash.json"
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -494,33 +493,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def model_content_hash(path: str | Path) -> str:
-    """sha256 (hex) over the bytes of the directory's ``*.safetensors`` files.
+    """The checkpoint content hash that `rlsparsity diff` writes into masks.
 
-    Files are hashed in sorted name order as one stream; with a single file this equals
-    ``sha256sum model.safetensors``. The result is cached in a sidecar JSON keyed by each
-    file's size and mtime, so repeated calls on large checkpoints are free.
+    Computed over each tensor's name, dtype, shape and bytes, so it does not depend on
+    sharding; masks from training and from `diff` against the same θ0 share it.
     """
-    d = Path(path)
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors files in {d}")
-    stamp = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
-    sidecar = d / HASH_SIDECAR
-    try:
-        cached = json.loads(sidecar.read_text())
-        if cached.get("files") == stamp and isinstance(cached.get("sha256"), str):
-            return cached["sha256"]
-    except (OSError, ValueError):
-        pass
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
-    digest = h.hexdigest()
-    # Best effort: the directory may be read-only (e.g. a shared hub cache).
-    with contextlib.suppress(OSError):
-        tmp = sidecar.with_name(f"{sidecar.name}.{os.getpid()}.partial")
-        tmp.write_text(json.dumps({"files": stamp, "sha256": digest}))
-        os.replace(tmp, sidecar)
-    return digest
+    from rlsparsity.analysis.checkpoints import content_hash, open_checkpoint
+
+    return content_hash(open_checkpoint(path, label="base model"))

@@ -8,6 +8,7 @@ to the trial's MLflow run. All ranks hold identical weights (DDP), so rank 0 spe
 from __future__ import annotations
 
 import copy
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -82,6 +83,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     """cfg: spec (TrialSpec), model_path, base (id/hash), run_id, tracking_uri, rollout_actors, threads."""
     spec: TrialSpec = cfg["spec"]
     t = spec.training
+    # Ray Train logs every report at INFO; the per-step metrics already go to Tune and MLflow.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg["threads"])

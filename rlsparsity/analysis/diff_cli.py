@@ -15,8 +15,8 @@ from typing import Any
 
 from rlsparsity.analysis.checkpoints import CheckpointError
 from rlsparsity.analysis.criteria import DEFAULT_CRITERIA, CriterionError, parse_criteria
+from rlsparsity.platform.config import DEFAULT_TRACKING_URI
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 DEFAULT_EXPERIMENT = "rlsparsity-diff"
 
 

@@ -16,8 +16,7 @@ from typing import Any
 
 from rlsparsity.analysis.mask import MaskError
 from rlsparsity.analysis.overlap import OverlapError
-
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+from rlsparsity.platform.config import DEFAULT_TRACKING_URI
 
 
 def add_parser(subparsers: Any) -> None:

@@ -10,6 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Local SQLite store in the working directory: the embedded default, no server needed.
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -51,7 +54,7 @@ class ResourcesSpec(_Strict):
 
 
 class TrackingSpec(_Strict):
-    uri: str = "sqlite:///mlruns.db"
+    uri: str = DEFAULT_TRACKING_URI
     artifact_location: str | None = None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
@@ -24,7 +25,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 def _run_sweep(args: argparse.Namespace) -> int:
     from rlsparsity.sweeps.run import load_spec, sweep
 
-    console = Console()
+    # Piped output (CI logs, `ray job` logs) would otherwise wrap the tables at 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     spec = load_spec(args.spec, args.overrides)
     if args.dry_run:
         for t in spec.trials():
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rlsparsity.sweeps.spec import SpecError
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per mask is noise
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -136,7 +136,7 @@ def sweep(
         elif first.analysis and len(result.trials) > 1:
             from rlsparsity.analysis.job import run_overlap_analysis
 
-            result.overlap = run_overlap_analysis(tracker.uri, spec.name, sweep_run_id=sweep_run_id)
+            result.overlap = run_overlap_analysis(tracker.uri, spec.name, sweep_run_id=sweep_run_id, console=console)
         ok = result.ok
         return result
     finally:

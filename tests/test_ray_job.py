@@ -35,6 +35,10 @@ def test_ray_job_submit_runs_a_sweep(embedded_model_dir, tmp_path):
     env["PATH"] = f"{BIN}:{env['PATH']}"
     # Pin Ray's state API (used by Ray Train inside the job) to this head, not another Ray here.
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"
+    # Token auth on (Ray's default for new clusters), stated so that the head and the job
+    # client agree whatever an earlier ray.init() in this process left in the environment;
+    # both use the token in ~/.ray/auth_token.
+    env["RAY_AUTH_MODE"] = "token"
     # --block keeps `ray start` in the foreground as the parent of this head's processes, so
     # the test can stop exactly this cluster (`ray stop` would stop every Ray on the machine).
     head = subprocess.Popen(
@@ -53,16 +57,19 @@ def test_ray_job_submit_runs_a_sweep(embedded_model_dir, tmp_path):
             except OSError:
                 assert head.poll() is None, "ray start --head exited"
                 time.sleep(1)
-        proc = subprocess.run(
-            [BIN / "ray", "job", "submit", f"--address={address}", "--working-dir", ".", "--",
-             str(BIN / "python"), "-m", "rlsparsity.cli", "sweep", "sweeps/quickstart.yaml",
-             "--set", "name=jobsub", "--set", "seed=0", "--set", "dataset=add", "--set", "algorithm=[grpo,sft]",
-             "--set", "training.steps=2", "--set", "training.prompts_per_step=4", "--set", "training.eval_problems=20",
-             "--set", f"tracking.uri=sqlite:///{db}"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-        )
+        cmd = [BIN / "ray", "job", "submit", f"--address={address}", "--working-dir", ".", "--",
+               str(BIN / "python"), "-m", "rlsparsity.cli", "sweep", "sweeps/quickstart.yaml",
+               "--set", "name=jobsub", "--set", "seed=0", "--set", "dataset=add", "--set", "algorithm=[grpo,sft]",
+               "--set", "training.steps=2", "--set", "training.prompts_per_step=4", "--set", "training.eval_problems=20",
+               "--set", f"tracking.uri=sqlite:///{db}"]
+        for _ in range(30):
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+            # The dashboard answers before the node's job agent has registered with it.
+            if "No available agent to submit job" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(2)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        assert "SUCCEEDED" in proc.stdout + proc.stderr
+        assert "succeeded" in (proc.stdout + proc.stderr).lower()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -93,3 +93,23 @@ def test_registry_rejects_duplicates_and_unknown_names():
     with pytest.raises(ValueError, match="allowed: grpo, sft"):
         get_algorithm("nope")
     assert set(ALGORITHMS) >= {"grpo", "sft"}
+
+
+def test_readme_example_registers_a_usable_algorithm():
+    """The README's one-function algorithm is accepted by the registry and the spec."""
+    from rlsparsity.platform.algorithms import masked_mean
+    from rlsparsity.sweeps.spec import SweepSpec
+
+    @register_algorithm("reinforce_readme", source="rollouts")
+    def reinforce(policy, reference, batch, cfg):
+        logp = token_logprobs(policy, batch.tokens)
+        adv = (batch.rewards - batch.rewards.mean())[:, None]
+        return -masked_mean(logp * adv, batch.tokens.completion_mask), {}
+
+    try:
+        sb = StepBatch(build_batch([[0], [0]], [[1], [2]], 0), rewards=torch.tensor([1.0, 0.0]), group_size=2)
+        loss, _ = get_algorithm("reinforce_readme").loss(Unigram(), None, sb, TrainingSpec())
+        assert torch.isfinite(loss)
+        assert SweepSpec({"algorithm": ["grpo", "reinforce_readme"]}).trials()[1].algorithm == "reinforce_readme"
+    finally:
+        ALGORITHMS.pop("reinforce_readme")

@@ -44,7 +44,11 @@ def test_ray_job_submit_runs_a_sweep(embedded_model_dir, tmp_path):
     head = subprocess.Popen(
         [BIN / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-         f"--temp-dir={temp_dir}", "--num-cpus=2", "--disable-usage-stats"],
+         f"--temp-dir={temp_dir}", "--num-cpus=2", "--disable-usage-stats",
+         # Another Ray on this machine (the suite's own) holds the default agent ports.
+         *(f"--{name}={free_port()}" for name in (
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port", "ray-client-server-port"))],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     db = tmp_path / "mlruns.db"

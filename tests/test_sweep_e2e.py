@@ -89,3 +89,21 @@ def test_bad_spec_exits_nonzero_and_records_no_run(tmp_path, capsys):
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     finished = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id]) if r.info.status == "FINISHED"]
     assert finished == []
+
+
+def test_two_ddp_learners_train_and_record_a_mask(embedded_model_dir, ray_session, tmp_path, monkeypatch):
+    """resources.learners=2: DDP on gloo; rank 0 syncs the engines and writes the mask."""
+    monkeypatch.setenv("RLSPARSITY_RAY_STORAGE", str(tmp_path / "ray"))
+    db = f"sqlite:///{tmp_path / 'ddp.db'}"
+    result = rlsparsity.sweep("sweeps/quickstart.yaml", [
+        "name=ddp", "seed=0", "dataset=add", "algorithm=grpo", "resources.learners=2",
+        "training.steps=2", "training.prompts_per_step=4", "training.eval_problems=20", f"tracking.uri={db}",
+    ])
+    assert result.ok, result.failed
+    (trial,) = result.trials
+    assert 0 < trial["final/master_changed_frac"] <= 1
+    client = MlflowClient(tracking_uri=db)
+    run = client.get_run(trial["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["resources.learners"] == "2"
+    mask = read_mask(client.download_artifacts(run.info.run_id, "masks/final.arrow", str(tmp_path)))
+    assert mask.total_changed == run.data.metrics["final/changed_bf16"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from services import free_port, wait_for_http
 
 
 @pytest.fixture(scope="session")
@@ -65,16 +66,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 serving artifacts itself (mlflow-artifacts:/ URIs)."""
     import contextlib
     import signal
-    import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     root = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = (root / "server.log").open("wb")
     proc = subprocess.Popen(
         [Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -84,13 +80,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).read()
-                break
-            except OSError:
-                assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
-                time.sleep(0.5)
+        wait_for_http(f"{url}/health", proc, f"mlflow server (log: {root / 'server.log'})")
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -5,26 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from services import free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ray_job_submit_runs_a_sweep(embedded_model_dir, tmp_path):
@@ -54,13 +47,7 @@ def test_ray_job_submit_runs_a_sweep(embedded_model_dir, tmp_path):
     db = tmp_path / "mlruns.db"
     address = f"http://127.0.0.1:{dash}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
-                break
-            except OSError:
-                assert head.poll() is None, "ray start --head exited"
-                time.sleep(1)
+        wait_for_http(f"{address}/api/version", head, "ray start --head")
         cmd = [BIN / "ray", "job", "submit", f"--address={address}", "--working-dir", ".", "--",
                str(BIN / "python"), "-m", "rlsparsity.cli", "sweep", "sweeps/quickstart.yaml",
                "--set", "name=jobsub", "--set", "seed=0", "--set", "dataset=add", "--set", "algorithm=[grpo,sft]",

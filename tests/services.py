@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 
@@ -21,6 +22,8 @@ def wait_for_http(url: str, proc: subprocess.Popen, what: str, timeout_s: float 
         try:
             urllib.request.urlopen(url, timeout=2).read()
             return
+        except urllib.error.HTTPError:
+            return  # it answered, if only to ask for a token (Ray's token auth)
         except OSError:
             assert proc.poll() is None, f"{what} exited before answering {url}"
             assert time.monotonic() < deadline, f"{what} did not answer {url} within {timeout_s} s"

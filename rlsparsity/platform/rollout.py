@@ -55,9 +55,12 @@ class HFEngine:
 ENGINES = {"hf": HFEngine}
 
 
-@ray.remote(max_restarts=-1, max_task_retries=0)
+# No automatic restarts yet: a restarted engine would come back with θ0's weights and then
+# receive patches relative to the learner's last sync, silently serving neither. Until a
+# restart triggers a full resync (weight_sync.full_patch), a dead actor fails the trial.
+@ray.remote(max_restarts=0, max_task_retries=0)
 class RolloutActor:
-    """One rollout engine per actor; `seed_offset` folds the replica index into sampling seeds."""
+    """One rollout engine per actor; the replica index is folded into the sampling seed."""
 
     def __init__(self, backend: str, model_path: str, replica: int, threads: int = 1) -> None:
         self.engine = ENGINES[backend](model_path, threads=threads)

@@ -104,5 +104,7 @@ def test_left_padding_matches_unbatched(embedded_model_dir: Path) -> None:
     batched = generate(model, tok, prompts, temperature=0.0, max_new_tokens=6)
     single = [generate(model, tok, [p], temperature=0.0, max_new_tokens=6)[0] for p in prompts]
     assert batched == single
-    # Completions decode to digit strings ending in EOS for this in-distribution format.
-    assert sum(x[0][-1] == tok.eos_token_id for x in batched) >= 10
+    # Completions start with a digit string in this in-distribution format. (θ0 was trained
+    # on documents of 1-4 problems, so after an answer it usually writes a newline.)
+    first_lines = [decode_completion(tok, x[0]).split("\n")[0] for x in batched]
+    assert sum(line.isdigit() for line in first_lines) >= 10, first_lines

@@ -8,7 +8,7 @@ learner can train on "stop here" too).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -126,8 +126,9 @@ def greedy_accuracy(
     *,
     style: Style = "native",
     batch_size: int = 64,
+    score: Callable[[str, str], float] = reward,
 ) -> float:
-    """Fraction of ``problems`` whose greedy completion earns reward 1 (see tasks.reward)."""
+    """Mean ``score`` (default: the task reward) of the greedy completions of ``problems``."""
     if not problems:
         raise ValueError("greedy_accuracy needs at least one problem")
     t = get_task(task)
@@ -142,7 +143,7 @@ def greedy_accuracy(
         batch_size=batch_size,
     )
     total = sum(
-        reward(decode_completion(tokenizer, o[0]), p.answer)
+        score(decode_completion(tokenizer, o[0]), p.answer)
         for o, p in zip(outs, problems, strict=True)
     )
     return total / len(problems)

@@ -126,7 +126,7 @@ class ArchRecipe:
 class TrainRecipe:
     """Pretraining: plain AdamW loop in float32, loss on completion tokens + EOS only."""
 
-    steps: int = 2000
+    steps: int = 1200
     batch_size: int = 128
     lr: float = 5e-3
     warmup_steps: int = 100
@@ -136,6 +136,9 @@ class TrainRecipe:
     seed: int = 0
     # (task name, weight): the task mixture, native style, train splits only.
     tasks: tuple[tuple[str, float], ...] = (("add", 0.5), ("mul", 0.5))
+    # Problems per document, drawn uniformly (packed like pretraining text): several answers
+    # per sequence teach more arithmetic per step than one (see the tuning record).
+    doc_problems: tuple[int, int] = (1, 4)
     eval_n: int = 500  # test problems per task for eval.json
     eval_seed: int = 1234
 
@@ -170,16 +173,20 @@ def recipe_hash(recipe: Recipe) -> str:
 
 
 # Tuning record for "tiny-arith" (2-core x86-64 AVX2 dev machine, torch 2.13 CPU,
-# shared with other jobs, so wall times are upper bounds):
+# shared with other jobs, so wall times are upper bounds). θ0 must leave RL something to
+# learn that it *can* learn: a model at its capacity plateau does not improve under more
+# supervised training on the true answers either, let alone under RL.
 # - chosen: hidden 64, MLP 256, 2 layers, 4 heads (~138k parameters, tied embeddings),
-#   2000 steps x 128 problems, AdamW lr 5e-3 (100 warmup, cosine to 10 %):
-#   greedy test accuracy add 0.452, mul 0.450 (500 problems each, the same on every run);
-#   training 63 s wall / 101 s CPU on 2 threads under load. One step costs about 30 ms
-#   on 1 thread and 21 ms on 2 idle threads, i.e. 40-60 s for the whole run.
-# - rejected: hidden 128 x 3 layers, 800 steps -> add 0.15, mul 0.57 (70 s);
-#   hidden 128 x 2 layers, 1000 steps -> add 0.20, mul 0.48; hidden 96 x 2 layers,
-#   1600 steps -> add 0.88, mul 0.67 (too good, little room for RL, and slower);
-#   hidden 64 x 2 layers, 2400 steps -> add 0.49, mul 0.61 (80 s).
+#   1200 steps x 128 documents of 1-4 problems (loss on answers and separators), AdamW
+#   lr 5e-3 (100 warmup, cosine to 10 %): greedy answer accuracy add 0.74, mul 0.67 (300
+#   test problems), pass@8 at T=1 0.88 / 0.78, so sampling finds answers greedy misses.
+#   GRPO (lr 1e-4, 16 prompts x 8, fresh problems) took add 0.74 -> 0.78, mul 0.67 -> 0.73
+#   in 200 steps.
+# - rejected: one problem per sequence, 2000 steps (add 0.45, mul 0.45): at its plateau;
+#   200 steps of SFT on true answers or of GRPO left test accuracy flat. The same with
+#   hidden 96 (1400 steps: add 0.25). Documents with the loss on every token, prompts
+#   included (1200 steps: add 0.12): the random operands take the model's capacity.
+#   1-4 problems, 2000 steps: add 0.91 (little left to learn), mul 0.55.
 EMBEDDED_RECIPES: dict[str, Recipe] = {
     "tiny-arith": Recipe(name="tiny-arith"),
 }
@@ -217,20 +224,34 @@ def llama_config(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> LlamaCon
 # --------------------------------------------------------------------------- pretraining
 
 
-def _encode_batch(
-    tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]]
+def _encode_documents(
+    tokenizer: PreTrainedTokenizerBase, docs: list[list[tuple[str, str]]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids and labels (-100 on <bos>, prompt and padding)."""
-    prompts = tokenizer([p for p, _ in pairs])["input_ids"]
-    comps = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    """Right-padded input ids and labels for documents of problems.
+
+    A document is ``<bos>p1c1\np2c2\n…pkck<eos>``. The labels are each answer and the
+    separator after it (newline, or EOS at the end), -100 elsewhere: the model learns to
+    answer and where a document goes on, not to predict the random operands of prompts.
+    """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    seqs = [p + c + [eos] for p, c in zip(prompts, comps, strict=True)]
+    (newline,) = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    bos = tokenizer("")["input_ids"]  # what the tokenizer prepends to a prompt
+    seqs, labels_ = [], []
+    for doc in docs:
+        ids, labels = list(bos), [-100] * len(bos)
+        for i, (prompt, completion) in enumerate(doc):
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos if i == len(doc) - 1 else newline]
+            ids += p + c
+            labels += [-100] * len(p) + c
+        seqs.append(ids)
+        labels_.append(labels)
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
+    for i, (s, lab) in enumerate(zip(seqs, labels_, strict=True)):
         ids[i, : len(s)] = torch.tensor(s)
-        labels[i, len(p) : len(s)] = torch.tensor(s[len(p) :])
+        labels[i, : len(s)] = torch.tensor(lab)
     return ids, labels
 
 
@@ -251,17 +272,20 @@ def pretrain(
     torch.manual_seed(t.seed)
     model = LlamaForCausalLM(llama_config(recipe, tokenizer))
     model.train()
-    # Fixed data stream: per step, choose tasks by the mixture weights, then draw that
-    # many native-style train problems. All from seeded RNGs, so a recipe fully defines
-    # the data.
+    # Fixed data stream: per step, choose each document's task by the mixture weights and
+    # its length uniformly in doc_problems, then draw that many native-style train problems.
+    # All from seeded RNGs, so a recipe fully defines the data.
     mix_rng = random.Random(f"pretrain-mix/{t.seed}")
     names = [n for n, _ in t.tasks]
     weights = [w for _, w in t.tasks]
     counts = {n: 0 for n in names}
-    per_step = [mix_rng.choices(names, weights, k=t.batch_size) for _ in range(t.steps)]
-    for step_tasks in per_step:
-        for n in step_tasks:
-            counts[n] += 1
+    per_step = [
+        [(n, mix_rng.randint(*t.doc_problems)) for n in mix_rng.choices(names, weights, k=t.batch_size)]
+        for _ in range(t.steps)
+    ]
+    for step_docs in per_step:
+        for n, k in step_docs:
+            counts[n] += k
     pools = {
         n: iter(tasks_mod.get_task(n).problems("train", counts[n], seed=t.seed)) for n in names
     }
@@ -272,11 +296,11 @@ def pretrain(
     cpu_start = time.process_time()
     losses: list[float] = []
     for step in range(t.steps):
-        pairs = []
-        for n in per_step[step]:
+        docs = []
+        for n, k in per_step[step]:
             task = tasks_mod.get_task(n)
-            pairs.append(task.render(next(pools[n]), "native"))
-        ids, labels = _encode_batch(tokenizer, pairs)
+            docs.append([task.render(next(pools[n]), "native") for _ in range(k)])
+        ids, labels = _encode_documents(tokenizer, docs)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, t)
         # No attention mask: padding is on the right, so causal attention already keeps
@@ -306,12 +330,14 @@ def evaluate_embedded(
     from rlsparsity.platform.generation import greedy_accuracy
 
     t = recipe.train
-    acc = {}
+    acc, answer_acc = {}, {}
     for name, _ in t.tasks:
         task = tasks_mod.get_task(name)
         probs = task.problems("test", t.eval_n, seed=t.eval_seed)
         acc[name] = greedy_accuracy(model, tokenizer, task, probs)
-    return {"split": "test", "n": t.eval_n, "seed": t.eval_seed, "accuracy": acc}
+        answer_acc[name] = greedy_accuracy(model, tokenizer, task, probs, score=tasks_mod.answer_correct)
+    # accuracy: the reward's (answer, then stop); answer_accuracy: the first line only.
+    return {"split": "test", "n": t.eval_n, "seed": t.eval_seed, "accuracy": acc, "answer_accuracy": answer_acc}
 
 
 def build_embedded_model(recipe: Recipe, out_dir: Path, *, log_every: int = 0) -> dict:

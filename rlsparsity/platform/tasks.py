@@ -52,6 +52,15 @@ def reward(completion_text: str, answer: str) -> float:
     return 1.0 if text == answer.strip() else 0.0
 
 
+def answer_correct(completion_text: str, answer: str) -> float:
+    """1.0 if the first line of the completion is the answer, whatever follows it.
+
+    `reward` also asks the model to stop after the answer; this asks only whether it knows
+    the answer, so the two separate learning to stop from learning arithmetic.
+    """
+    return reward(completion_text.split(EOS_TEXT, 1)[0].split("\n", 1)[0], answer)
+
+
 def _split_of(task: str, operands: tuple[int, ...], test_fraction_pct: int) -> Split:
     # A stable hash (not Python's salted hash()) of the operands decides the split once and
     # for all, so train and test samples are disjoint for any seeds.

@@ -29,7 +29,14 @@ def test_overrides_are_dotted_and_parsed_as_yaml():
 @pytest.mark.parametrize(
     ("override", "field", "allowed"),
     [
-        ("algorithm=ppo", "algorithm", "allowed: grpo, sft"),
+        ("algorithm=trpo", "algorithm", "allowed: dpo, grpo, kto, orpo, ppo, prime, raft, raft++, rloo, sft, simpo"),
+        # issue 5's bad configs: each names the field
+        ("algorithm=dpo", "algorithm_config.dpo.pairs", "Field required"),
+        ("algorithm=ppo", "algorithm_config.ppo.critic", "Field required"),
+        ("algorithm_config.grpo.loss_type=foo", "algorithm_config.grpo.loss_type", "'grpo', 'bnpo', 'dr_grpo' or 'dapo'"),
+        ("algorithm_config.ppo.critic.learning_rate=1", "algorithm_config.ppo.critic.learning_rate", "allowed here: lr,"),
+        ("algorithm=sft;training.kl_coef=0.1", "training.kl_coef", "sft applies no KL penalty; set 0, or use one of: grpo, ppo, prime, rloo"),
+        ("algorithm_config.nope.beta=1", "algorithm_config.nope", "unknown algorithm; allowed: dpo, grpo, kto, orpo, ppo, prime, raft, raft++, rloo, sft, simpo"),
         ("dataset=gsm8k", "dataset", "allowed: add, mul"),
         ("training.foo=1", "training.foo", "allowed here: steps, lr"),
         ("rollout.backend=tgi", "rollout.backend", "'hf'"),
@@ -37,13 +44,13 @@ def test_overrides_are_dotted_and_parsed_as_yaml():
 )
 def test_bad_specs_name_the_field_and_allowed_values(override, field, allowed):
     with pytest.raises(SpecError) as e:
-        SweepSpec(apply_overrides({"seed": 0}, [override]))
+        SweepSpec(apply_overrides({"seed": 0}, override.split(";")))
     assert f"  {field}:" in str(e.value) and allowed in str(e.value)
 
 
 def test_a_bad_value_inside_a_grid_axis_names_the_grid_point():
-    with pytest.raises(SpecError, match='"algorithm": "dpo"'):
-        SweepSpec({"algorithm": ["grpo", "dpo"]})
+    with pytest.raises(SpecError, match='"algorithm": "trpo"'):
+        SweepSpec({"algorithm": ["grpo", "trpo"]})
 
 
 def test_cli_exits_nonzero_with_the_field_name(tmp_path, capsys):
@@ -51,7 +58,7 @@ def test_cli_exits_nonzero_with_the_field_name(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"name": "bad", "algorithm": ["grpo", "nope"]}))
     assert main(["sweep", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "algorithm: unknown algorithm 'nope'; allowed: grpo, sft" in err
+    assert "algorithm: unknown algorithm 'nope'; allowed: dpo, grpo, kto, orpo, ppo, prime, raft, raft++, rloo, sft, simpo" in err
 
 
 def test_quickstart_spec_is_the_default_grid():

@@ -21,13 +21,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from rlsparsity.platform.algorithms import StepBatch, get_algorithm
-from rlsparsity.platform.batches import build_batch
+from rlsparsity.platform.algorithms import Models, PairBatch, StepBatch, get_algorithm
+from rlsparsity.platform.batches import build_batch, token_logprobs
 from rlsparsity.platform.config import TrialSpec
 from rlsparsity.platform.mask_recorder import MaskRecorder
 from rlsparsity.platform.models import load_model, load_tokenizer
+from rlsparsity.platform.pairs import offline_pairs, rollout_pairs
 from rlsparsity.platform.rollout import generate_sharded
-from rlsparsity.platform.tasks import get_task, reward
+from rlsparsity.platform.tasks import answer_correct, get_task, reward
 from rlsparsity.platform.tracking import Tracker
 from rlsparsity.platform.weight_sync import Bf16SyncState
 
@@ -42,10 +43,30 @@ def tied_groups(model: torch.nn.Module) -> list[list[str]]:
     return [names for names in by_ptr.values() if len(names) > 1]
 
 
-def greedy_accuracy(actors: list, tok, problems, max_new_tokens: int) -> float:
-    """Test accuracy of what the rollout engines hold (the bf16 view), greedy decoding."""
+def greedy_accuracy(actors: list, tok, problems, max_new_tokens: int) -> dict[str, float]:
+    """Test accuracy of what the rollout engines hold (the bf16 view), greedy decoding:
+    `test_accuracy` by the reward (answer, then stop), `test_answer_accuracy` by the answer alone."""
     outs = generate_sharded(actors, [p.prompt for p in problems], n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
-    return float(np.mean([reward(tok.decode(o[0], skip_special_tokens=True), p.answer) for o, p in zip(outs, problems, strict=True)]))
+    texts = [tok.decode(o[0], skip_special_tokens=True) for o in outs]
+    return {
+        "test_accuracy": float(np.mean([reward(x, p.answer) for x, p in zip(texts, problems, strict=True)])),
+        "test_answer_accuracy": float(np.mean([answer_correct(x, p.answer) for x, p in zip(texts, problems, strict=True)])),
+    }
+
+
+def preference_accuracy(policy: torch.nn.Module, tok, problems) -> float:
+    """Share of held-out (correct, near-miss) pairs where the policy gives the correct answer
+    the higher log-probability: the objective preference algorithms train, measured the same
+    way for every algorithm."""
+    encode = lambda text, special: tok(text, add_special_tokens=special)["input_ids"]  # noqa: E731
+    pairs = offline_pairs(problems, encode, tok.eos_token_id, seed=0)
+    prompts = [p for p, _, _ in pairs]
+    scores = []
+    for side in (1, 2):
+        b = build_batch(prompts, [pair[side] for pair in pairs], tok.pad_token_id)
+        with torch.no_grad():
+            scores.append((token_logprobs(policy, b) * b.completion_mask).sum(1))
+    return (scores[0] > scores[1]).float().mean().item()
 
 
 def _step_problems(task, spec: TrialSpec, step: int, rank: int, world: int) -> list:
@@ -55,23 +76,46 @@ def _step_problems(task, spec: TrialSpec, step: int, rank: int, world: int) -> l
     return task.problems("train", n, seed=spec.seed * 1_000_003 + step)[rank::world]
 
 
-def _rollout_batch(spec: TrialSpec, step: int, rank: int, world: int, actors, tok, task) -> tuple[StepBatch, dict]:
+def _sample(spec: TrialSpec, step: int, rank: int, world: int, actors, tok, task) -> tuple[list, list, list]:
+    """This rank's prompts for the step, k samples each, and their rewards."""
     t = spec.training
     problems = _step_problems(task, spec, step, rank, world)
     outs = generate_sharded(
         actors, [p.prompt for p in problems], n=t.samples_per_prompt, temperature=t.temperature,
         max_new_tokens=t.max_new_tokens, seed=spec.seed * 100_003 + step * world + rank,
     )
-    prompts, completions, rewards = [], [], []
-    for p, samples in zip(problems, outs, strict=True):
-        p_ids = tok(p.prompt)["input_ids"]
-        for c in samples:
-            prompts.append(p_ids)
-            completions.append(c)
-            rewards.append(reward(tok.decode(c, skip_special_tokens=True), p.answer))
-    r = torch.tensor(rewards, dtype=torch.float32)
-    batch = StepBatch(build_batch(prompts, completions, tok.pad_token_id), rewards=r, group_size=t.samples_per_prompt)
+    rewards = [[reward(tok.decode(c, skip_special_tokens=True), p.answer) for c in samples] for p, samples in zip(problems, outs, strict=True)]
+    return [tok(p.prompt)["input_ids"] for p in problems], outs, rewards
+
+
+def _rollout_batch(spec: TrialSpec, step: int, rank: int, world: int, actors, tok, task) -> tuple[StepBatch, dict]:
+    prompt_ids, outs, rewards = _sample(spec, step, rank, world, actors, tok, task)
+    k = spec.training.samples_per_prompt
+    prompts = [p for p in prompt_ids for _ in range(k)]
+    r = torch.tensor(rewards, dtype=torch.float32).view(-1)
+    batch = StepBatch(build_batch(prompts, [c for cs in outs for c in cs], tok.pad_token_id), rewards=r, group_size=k)
     return batch, {"reward": r.mean().item()}
+
+
+def _pair_batch(spec: TrialSpec, step: int, rank: int, world: int, actors, tok, task) -> tuple[StepBatch, dict]:
+    source = spec.algo_config.pairs
+    metrics = {}
+    if source == "offline":
+        encode = lambda text, special: tok(text, add_special_tokens=special)["input_ids"]  # noqa: E731
+        pairs = offline_pairs(_step_problems(task, spec, step, rank, world), encode, tok.eos_token_id, seed=spec.seed * 1_000_003 + step)
+    else:
+        prompt_ids, outs, rewards = _sample(spec, step, rank, world, actors, tok, task)
+        pairs = rollout_pairs(prompt_ids, outs, rewards, source, seed=spec.seed * 1_000_003 + step)
+        metrics["reward"] = float(np.mean(rewards))
+    metrics["pairs"] = len(pairs)
+    if not pairs:
+        # No reward gap in any group. Every DDP rank must still run forward and backward, so
+        # train on a (sample, itself) pair with a zero weight; the step changes nothing.
+        pairs = [(prompt_ids[0], outs[0][0], outs[0][0])]
+    prompts = [p for p, _, _ in pairs]
+    chosen = build_batch(prompts, [c for _, c, _ in pairs], tok.pad_token_id)
+    rejected = build_batch(prompts, [r for _, _, r in pairs], tok.pad_token_id)
+    return StepBatch(pairs=PairBatch(chosen, rejected)), metrics
 
 
 def _dataset_batch(spec: TrialSpec, step: int, rank: int, world: int, tok, task) -> tuple[StepBatch, dict]:
@@ -79,6 +123,25 @@ def _dataset_batch(spec: TrialSpec, step: int, rank: int, world: int, tok, task)
     prompts = [tok(prompt)["input_ids"] for prompt, _ in examples]
     completions = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, c in examples]
     return StepBatch(build_batch(prompts, completions, tok.pad_token_id)), {}
+
+
+def _minibatch_rows(n_rows: int, n_minibatches: int, group: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled row indices per minibatch; a prompt's group of samples stays together."""
+    n_groups = n_rows // group
+    if n_minibatches > n_groups:
+        raise ValueError(f"minibatches={n_minibatches} but the step has only {n_groups} groups of rows")
+    order = torch.randperm(n_groups, generator=gen)
+    return [(g[:, None] * group + torch.arange(group)).view(-1) for g in order.tensor_split(n_minibatches)]
+
+
+def _lr_lambda(t) -> callable:
+    def factor(i: int) -> float:
+        if i < t.warmup_steps:
+            return (i + 1) / (t.warmup_steps + 1)
+        frac = (i - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + np.cos(np.pi * frac))}[t.lr_schedule]
+
+    return factor
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
@@ -96,17 +159,32 @@ def train_loop(cfg: dict[str, Any]) -> None:
     task = get_task(spec.dataset)
     algo = get_algorithm(spec.algorithm)
 
+    acfg = spec.algo_config
+
     policy = load_model(cfg["model_path"], dtype=torch.float32)
     with torch.no_grad():  # θ0 is the bf16 view of the checkpoint, as the rollout engines hold it
         for p in policy.parameters():
             p.copy_(p.to(torch.bfloat16))
+    # One frozen θ0 per learner serves every use (KL penalty, DPO's reference, PRIME's PRM).
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if t.kl_coef > 0 or algo.uses_reference else None
+    aux = algo.aux(policy, acfg, t) if algo.aux else {}
     named = list(policy.named_parameters())
-    model = ray.train.torch.prepare_model(policy, move_to_device=False) if world > 1 else policy
-    opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+    def wrap(m: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(m, move_to_device=False) if world > 1 else m
+
+    models = Models(wrap(policy), reference, {k: wrap(a.module) for k, a in aux.items()})
+    # (parameters, optimizer, max grad norm): the policy's, then each side model's own.
+    optimizers = [(list(policy.parameters()), torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay), t.max_grad_norm)]
+    optimizers += [
+        (list(a.module.parameters()), torch.optim.AdamW(a.module.parameters(), lr=a.lr, weight_decay=a.weight_decay), a.max_grad_norm)
+        for a in aux.values()
+    ]
     # Linear warmup: Adam's first steps move every weight by about lr whatever the gradient's
     # size, which on noisy policy gradients is a random kick to the whole model.
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (t.warmup_steps + 1)))
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t)) for _, opt, _ in optimizers]
+    updates = acfg.epochs * acfg.minibatches
+    shuffle = torch.Generator().manual_seed(spec.seed)
 
     if rank == 0:
         run_id = cfg["run_id"]
@@ -115,23 +193,38 @@ def train_loop(cfg: dict[str, Any]) -> None:
         recorder = MaskRecorder(named, base=cfg["base"], tied=tied_groups(policy))
         test = task.problems("test", t.eval_problems, seed=10_000)
         acc_before = greedy_accuracy(actors, tok, test, t.max_new_tokens)
-        tracker.log_metrics(run_id, {"test_accuracy_before": acc_before}, step=0)
+        acc_before["test_preference_accuracy"] = preference_accuracy(policy, tok, test)
+        tracker.log_metrics(run_id, {f"{k}_before": v for k, v in acc_before.items()}, step=0)
         sync_bytes = dense_bytes = 0
 
     for step in range(1, t.steps + 1):
         t0 = time.perf_counter()
         if algo.source == "rollouts":
             batch, metrics = _rollout_batch(spec, step, rank, world, actors, tok, task)
+        elif algo.source == "pairs":
+            batch, metrics = _pair_batch(spec, step, rank, world, actors, tok, task)
         else:
             batch, metrics = _dataset_batch(spec, step, rank, world, tok, task)
-        loss, loss_metrics = algo.loss(model, reference, batch, t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.max_grad_norm is not None:
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.max_grad_norm).item()
-        opt.step()
-        schedule.step()
-        metrics.update(loss=loss.item(), lr=schedule.get_last_lr()[0], **loss_metrics)
+        with torch.no_grad():
+            if updates > 1 and batch.tokens is not None:  # the behaviour policy of later passes
+                batch.old_logps = token_logprobs(policy, batch.tokens)
+            if algo.prepare:
+                batch = algo.prepare(models, batch, acfg, t)
+        zero_weight = metrics.get("pairs", 1) == 0
+        for _ in range(acfg.epochs):
+            for rows in _minibatch_rows(len(batch), acfg.minibatches, batch.group_size, shuffle):
+                loss, loss_metrics = algo.loss(models, batch.select(rows) if updates > 1 else batch, acfg, t)
+                for _, opt, _ in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                (loss * 0 if zero_weight else loss).backward()
+                for i, (params, opt, max_norm) in enumerate(optimizers):
+                    if max_norm is not None:
+                        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+                        metrics["grad_norm" if i == 0 else f"grad_norm_aux{i}"] = norm
+                    opt.step()
+        for sched in schedules:
+            sched.step()
+        metrics.update(loss=loss.item(), lr=schedules[0].get_last_lr()[0], **loss_metrics)
 
         if rank == 0:
             patch = sync.diff(named)
@@ -157,7 +250,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
     if rank == 0:
         acc_after = greedy_accuracy(actors, tok, test, t.max_new_tokens)
+        acc_after["test_preference_accuracy"] = preference_accuracy(policy, tok, test)
         tracker.log_metrics(run_id, {
-            "test_accuracy_after": acc_after, "sync_bytes_total": sync_bytes, "sync_dense_bytes_total": dense_bytes,
+            **{f"{k}_after": v for k, v in acc_after.items()}, "sync_bytes_total": sync_bytes, "sync_dense_bytes_total": dense_bytes,
             **stats.metrics("final/"),
         }, step=t.steps)

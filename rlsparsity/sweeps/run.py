@@ -19,6 +19,7 @@ from ray import tune
 from rich.console import Console
 from rich.table import Table
 
+from rlsparsity.platform.algorithms import get_algorithm
 from rlsparsity.platform.cluster import init_ray
 from rlsparsity.platform.models import model_content_hash, resolve_model
 from rlsparsity.platform.tracking import Tracker, git_commit
@@ -152,15 +153,25 @@ def _trial_name(trial) -> str:
     return "_".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items()) or "trial"
 
 
+def _before_after(t: dict[str, Any], key: str) -> str:
+    return f"{t.get(key + '_before', float('nan')):.3f} → {t.get(key + '_after', float('nan')):.3f}"
+
+
 def print_summary(result: SweepResult, console: Console) -> None:
     table = Table(title=f"sweep {result.experiment}: one row per trial (bf16 view vs θ0)")
-    for col in ("seed", "dataset", "algorithm", "test acc θ0 → final", "bf16 sparsity", "fp32 changed", "sync bytes / dense"):
+    # Preference accuracy is what preference algorithms train; show it when the grid has one.
+    pref = any(get_algorithm(t["algorithm"]).source == "pairs" for t in result.trials)
+    cols = ["seed", "dataset", "algorithm", "test acc θ0 → final", "answer acc θ0 → final"]
+    cols += ["pref acc θ0 → final"] if pref else []
+    for col in [*cols, "bf16 sparsity", "fp32 changed", "sync bytes / dense"]:
         table.add_column(col, justify="right" if col != "algorithm" else "left")
     for t in sorted(result.trials, key=lambda t: (t["algorithm"], t["dataset"], t["seed"])):
         sent, dense = t.get("sync_bytes_total", 0), t.get("sync_dense_bytes_total", 0)
         table.add_row(
             str(t["seed"]), t["dataset"], t["algorithm"],
-            f"{t.get('test_accuracy_before', float('nan')):.3f} → {t.get('test_accuracy_after', float('nan')):.3f}",
+            _before_after(t, "test_accuracy"),
+            _before_after(t, "test_answer_accuracy"),
+            *([_before_after(t, "test_preference_accuracy")] if pref else []),
             f"{100 * t.get('final/sparsity_bf16', float('nan')):.2f} %",
             f"{100 * t.get('final/master_changed_frac', float('nan')):.2f} %",
             f"{sent / 1e6:.2f} MB / {dense / 1e6:.2f} MB ({100 * sent / dense if dense else float('nan'):.1f} %)",

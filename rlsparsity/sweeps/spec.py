@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from rlsparsity.platform.config import TrialSpec
+from rlsparsity.platform.config import TrialSpec, fields_at
 
 
 class SpecError(ValueError):
@@ -53,14 +53,10 @@ def _format_error(e: ValidationError, axis_values: Mapping[str, Any]) -> str:
         field = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-            parent = TrialSpec
-            for p in err["loc"][:-1]:
-                parent = parent.model_fields[str(p)].annotation
-            msg += f"; allowed here: {', '.join(parent.model_fields)}"
+            msg = f"unknown field; allowed here: {', '.join(fields_at(TrialSpec, err['loc'][:-1]))}"
         elif err["type"] == "literal_error":
             msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"  {field}: {msg}")
+        lines.append(f"  {field}: {msg}" if field else f"  {msg}")
     where = f" (grid point {json.dumps(dict(axis_values))})" if axis_values else ""
     return "invalid sweep spec" + where + ":\n" + "\n".join(lines)
 

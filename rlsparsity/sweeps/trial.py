@@ -26,6 +26,10 @@ from rlsparsity.platform.tracking import Tracker
 SUMMARY_KEYS = (
     "test_accuracy_before",
     "test_accuracy_after",
+    "test_answer_accuracy_before",
+    "test_answer_accuracy_after",
+    "test_preference_accuracy_before",
+    "test_preference_accuracy_after",
     "final/sparsity_bf16",
     "final/master_changed_frac",
     "sync_bytes_total",
@@ -55,7 +59,10 @@ def run_trial(point: dict[str, Any], ctx: dict[str, Any]) -> None:
     run_id = tracker.start_run(
         ctx["experiment_id"], spec.label, kind="trial", parent=ctx["sweep_run_id"], tags=trial_tags(spec, ctx)
     )
-    tracker.log_params(run_id, flatten(spec.model_dump()))
+    # The trial's own algorithm config, resolved with its defaults; not the other algorithms'.
+    params = spec.model_dump(exclude={"algorithm_config"})
+    params["algorithm_config"] = {spec.algorithm: spec.algo_config.model_dump()}
+    tracker.log_params(run_id, flatten(params))
     pg = None
     actors: list = []
     ok = False

@@ -1,52 +1,150 @@
-"""Algorithms registered by name. Adding one is one decorated loss function.
+"""The algorithm registry: adding an algorithm is one decorated loss function plus a config.
 
-A loss takes the policy, the frozen reference (None when no KL term is used), a
-`StepBatch` and the trial's `TrainingSpec`, and returns (loss, metrics). `source` says
-where its batches come from: `rollouts` (sampled from the rollout actors and scored by
-the task's reward) or `dataset` (supervised examples).
+    class MyConfig(AlgorithmConfig):
+        beta: float = 0.1
+
+    @register_algorithm("my_algo", source="rollouts", config=MyConfig)
+    def my_loss(models: Models, batch: StepBatch, cfg: MyConfig, train: TrainingSpec):
+        ...
+        return loss, {"some_metric": value}
+
+`source` says where the learner gets a step's batch:
+
+- ``rollouts``: completions sampled from the rollout actors, scored by the task's reward
+  (`StepBatch.tokens`, `.rewards`, `.group_size`);
+- ``pairs``: preference pairs (`StepBatch.pairs`), from the algorithm config's ``pairs``
+  source: an offline preference dataset or on-policy samples ranked by reward;
+- ``dataset``: supervised examples (`StepBatch.tokens`).
+
+A trial's `algorithm_config.<name>` section is validated against the algorithm's config
+class, so a sweep spec error names the field. Side models that train with the policy
+(PPO's critic, PRIME's reward model) come from ``aux``: a factory returning `AuxModel`s,
+each with its own optimizer settings; their losses are part of the returned loss.
+``kl_penalty=True`` declares that the loss applies `training.kl_coef`; a trial asking an
+algorithm without it for a KL penalty is refused rather than silently run without one.
+``prepare`` runs once per step before the update passes, on the whole batch and without
+gradients: it computes what must stay fixed across PPO-style epochs (behaviour log-probs,
+values, advantages, PRIME's token rewards) into `StepBatch.old_logps` / `.extras`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-from rlsparsity.platform.batches import TokenBatch, masked_mean, token_logprobs
+from rlsparsity.platform.batches import TokenBatch
 
 if TYPE_CHECKING:
-    from rlsparsity.sweeps.spec import TrainingSpec
+    from rlsparsity.platform.config import TrainingSpec
+
+Source = Literal["rollouts", "pairs", "dataset"]
+PairSource = Literal["offline", "best_vs_worst", "random_negative"]
+
+
+class AlgorithmConfig(BaseModel):
+    """An algorithm's own knobs: the trial's `algorithm_config.<name>` section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(1, ge=1, description="passes over each step's batch (PPO's epochs)")
+    minibatches: int = Field(1, ge=1, description="optimizer steps per pass; rows split evenly")
+
+
+@dataclass
+class PairBatch:
+    """Preference pairs: row i of `chosen` and row i of `rejected` answer the same prompt."""
+
+    chosen: TokenBatch
+    rejected: TokenBatch
 
 
 @dataclass
 class StepBatch:
-    tokens: TokenBatch
+    tokens: TokenBatch | None = None
     rewards: torch.Tensor | None = None  # (B,), rollouts only
     group_size: int = 1  # samples per prompt; rows of one group are contiguous
     old_logps: torch.Tensor | None = None  # (B, T-1) behaviour log-probs; None = on-policy
+    pairs: PairBatch | None = None  # `pairs` source only
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row tensors from `prepare`
+
+    def __len__(self) -> int:
+        return len(self.pairs.chosen.input_ids) if self.pairs is not None else len(self.tokens.input_ids)
+
+    def select(self, rows: torch.Tensor) -> StepBatch:
+        """The sub-batch of `rows` (a minibatch); every per-row tensor is indexed alike."""
+        def tb(b: TokenBatch | None) -> TokenBatch | None:
+            return None if b is None else TokenBatch(b.input_ids[rows], b.attention_mask[rows], b.completion_mask[rows])
+
+        return StepBatch(
+            tokens=tb(self.tokens),
+            rewards=None if self.rewards is None else self.rewards[rows],
+            group_size=self.group_size,
+            old_logps=None if self.old_logps is None else self.old_logps[rows],
+            pairs=None if self.pairs is None else PairBatch(tb(self.pairs.chosen), tb(self.pairs.rejected)),
+            extras={k: v[rows] for k, v in self.extras.items()},
+        )
 
 
-LossFn = Callable[[torch.nn.Module, "torch.nn.Module | None", StepBatch, "TrainingSpec"], tuple[torch.Tensor, dict[str, float]]]
+@dataclass
+class Models:
+    """What a loss sees. `reference` is the frozen θ0 (one per learner, shared by every use)."""
+
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None = None
+    aux: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+
+@dataclass
+class AuxModel:
+    """A side model trained alongside the policy, with its own AdamW settings."""
+
+    module: torch.nn.Module
+    lr: float
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+
+LossFn = Callable[[Models, StepBatch, Any, "TrainingSpec"], tuple[torch.Tensor, dict[str, float]]]
+AuxFactory = Callable[[torch.nn.Module, Any, "TrainingSpec"], dict[str, AuxModel]]
+PrepareFn = Callable[[Models, StepBatch, Any, "TrainingSpec"], StepBatch]
 
 
 @dataclass(frozen=True)
 class Algorithm:
     name: str
-    source: Literal["rollouts", "dataset"]
+    source: Source
     loss: LossFn
+    config: type[AlgorithmConfig] = AlgorithmConfig
     uses_reference: bool = False  # True when it needs θ0 even without a KL penalty
+    aux: AuxFactory | None = None
+    prepare: PrepareFn | None = None
+    kl_penalty: bool = False  # True when its loss applies `training.kl_coef`
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
 
 
-def register_algorithm(name: str, *, source: Literal["rollouts", "dataset"]) -> Callable[[LossFn], LossFn]:
+def register_algorithm(
+    name: str,
+    *,
+    source: Source,
+    config: type[AlgorithmConfig] = AlgorithmConfig,
+    uses_reference: bool = False,
+    aux: AuxFactory | None = None,
+    prepare: PrepareFn | None = None,
+    kl_penalty: bool = False,
+) -> Callable[[LossFn], LossFn]:
+    if source == "pairs" and "pairs" not in config.model_fields:
+        raise ValueError(f"algorithm {name!r} reads preference pairs: its config needs a `pairs` field")
+
     def deco(fn: LossFn) -> LossFn:
         if name in ALGORITHMS:
             raise ValueError(f"algorithm {name!r} is already registered")
-        ALGORITHMS[name] = Algorithm(name, source, fn)
+        ALGORITHMS[name] = Algorithm(name, source, fn, config, uses_reference, aux, prepare, kl_penalty)
         return fn
 
     return deco
@@ -56,44 +154,3 @@ def get_algorithm(name: str) -> Algorithm:
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; allowed: {', '.join(sorted(ALGORITHMS))}")
     return ALGORITHMS[name]
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO's advantage: reward standardised within each prompt's group of samples."""
-    r = rewards.view(-1, group_size)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
-
-
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(π || π_ref): unbiased and always ≥ 0."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
-
-
-@register_algorithm("grpo", source="rollouts")
-def grpo_loss(policy, reference, batch: StepBatch, cfg: TrainingSpec) -> tuple[torch.Tensor, dict[str, float]]:
-    mask = batch.tokens.completion_mask
-    logp = token_logprobs(policy, batch.tokens)
-    old = batch.old_logps if batch.old_logps is not None else logp.detach()
-    adv = group_advantages(batch.rewards, batch.group_size)[:, None]
-    ratio = torch.exp(logp - old)
-    clipped = torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps)
-    per_token = -torch.minimum(ratio * adv, clipped * adv)
-    metrics = {}
-    if cfg.kl_coef > 0:
-        with torch.no_grad():
-            ref_logp = token_logprobs(reference, batch.tokens)
-        kl = kl_k3(logp, ref_logp)
-        per_token = per_token + cfg.kl_coef * kl
-        metrics["kl"] = masked_mean(kl.detach(), mask).item()
-    # GRPO's aggregation: mean over each completion's tokens, then over completions.
-    loss = masked_mean(per_token, mask, dim=1).mean()
-    metrics["clip_frac"] = masked_mean(((ratio - clipped).abs() > 0).float(), mask).item()
-    return loss, metrics
-
-
-@register_algorithm("sft", source="dataset")
-def sft_loss(policy, reference, batch: StepBatch, cfg: TrainingSpec) -> tuple[torch.Tensor, dict[str, float]]:
-    logp = token_logprobs(policy, batch.tokens)
-    loss = -masked_mean(logp, batch.tokens.completion_mask)
-    return loss, {"nll": loss.item()}

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from rlsparsity.analysis.mask import MaskWriter, read_mask
-from rlsparsity.analysis.overlap import compute_overlap, pair_counts
+from rlsparsity.analysis.overlap import _numba_kernels, compute_overlap, pair_counts
 
 GEN_VERSION = 1
 
@@ -103,17 +103,21 @@ def ensure_masks(data: Path, count: int, target: float) -> list[Path]:
     return paths
 
 
-def kernel_rate(n: int, seconds: float = 1.0) -> float:
-    """Single-core AND+popcount word-pairs/s on a cache-resident block (the bound)."""
+def kernel_rate(n: int, seconds: float = 1.0, backend: str = "auto") -> float:
+    """Single-core AND+popcount word-pairs/s on a cache-resident block (the bound).
+
+    ``backend``: "auto" is the engine's kernel (numba when installed), "numpy" the
+    numpy reference kernel (the engine's kernel before numba).
+    """
     rng = np.random.default_rng(0)
     X = rng.integers(0, 2**63, size=(n, 16384), dtype=np.uint64)
     tmp, cnt = np.empty_like(X), np.empty(X.shape, np.uint8)
-    pair_counts(X, n, None, tmp, cnt)
+    pair_counts(X, n, None, tmp, cnt, backend=backend)
     best = 0.0
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         t = time.perf_counter()
-        pair_counts(X, n, None, tmp, cnt)
+        pair_counts(X, n, None, tmp, cnt, backend=backend)
         best = max(best, n * (n + 1) / 2 * X.shape[1] / (time.perf_counter() - t))
     return best
 
@@ -203,11 +207,14 @@ def main() -> int:
     res["points"] = []
     for n in args.ns:
         rate = kernel_rate(n)
+        rate_np = kernel_rate(n, backend="numpy")
         pair_words = n * (n + 1) / 2 * math.ceil(P / 64)
         nbytes = n * math.ceil(P / 8)
         bound = pair_words / rate
         bound_v = bound + nbytes / res["hash_bytes_per_s"]
-        point = {"N": n, "kernel_word_pairs_per_s": rate, "bytes": nbytes, "pair_words": pair_words,
+        point = {"N": n, "kernel": "numba" if _numba_kernels() else "numpy",
+                 "kernel_word_pairs_per_s": rate, "kernel_numpy_word_pairs_per_s": rate_np,
+                 "bytes": nbytes, "pair_words": pair_words,
                  "bound_1core_s": bound, "bound_1core_with_verify_s": bound_v, "runs": {}}  # fmt: skip
         ref = None
         for w in args.workers:
@@ -321,6 +328,12 @@ def _print_table(res: dict) -> None:
         "| N | kernel Gword-pairs/s/core | run | wall s | GB/s | tasks | task CPU s | cores used | × bound (AND+popcount) | × bound (+verify) | naive s (CPU s) | speedup vs naive |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for p in res["points"]:
+        print(
+            f"N = {p['N']}: engine kernel ({p.get('kernel', 'numpy')}) "
+            f"{1e9 / p['kernel_word_pairs_per_s']:.3f} ns/word-pair, numpy kernel "
+            f"{1e9 / p['kernel_numpy_word_pairs_per_s']:.3f} ns/word-pair (same run)"
+        )
     for p in res["points"]:
         for name, r in p["runs"].items():
             naive_s = p.get("naive_s")

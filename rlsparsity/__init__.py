@@ -9,6 +9,10 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
+# Local SQLite store in the working directory: the embedded default, no server needed.
+# Here rather than in platform.config so that the CLIs can name it without importing pydantic.
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+
 
 def sweep(spec: Any, overrides: tuple[str, ...] = ()) -> SweepResult:
     """Run a sweep from a `SweepSpec`, a dict or a YAML path; see `rlsparsity.sweeps.run.sweep`."""

@@ -216,3 +216,81 @@ def test_numpy_only_path_for_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     for i, c in enumerate(ALL):
         np.testing.assert_array_equal(res.masks[i], brute(a, b, c), err_msg=str(c))
         assert mixed.counts[i] == int(brute(a, b.float(), c).sum()), str(c)
+
+
+# ----------------------------------------------------------------------------- numba kernel
+
+
+def _numba_or_skip() -> None:
+    pytest.importorskip("numba")
+    if not C.numba_available():
+        pytest.skip("numba kernel disabled or not compilable here")
+
+
+def _bf16_edge_pairs() -> tuple[np.ndarray, np.ndarray]:
+    """Every bf16 bit pattern against neighbours, sign flips, ±0, NaN payloads, ±inf,
+    subnormals, ±max and itself: (θ0 bits, θ1 bits) as uint16."""
+    every = np.arange(1 << 16, dtype=np.uint32)
+    others = [every ^ 1, every ^ 2, every ^ 0x8000, every ^ 0x7F, every + 1, every - 1, every]
+    special = np.array(
+        [0x0000, 0x8000, 0x0001, 0x8001, 0x007F, 0x0080, 0x7F7F, 0xFF7F, 0x7F80, 0xFF80,
+         0x7FC0, 0x7FC1, 0xFFC0, 0x7F81, 0x3F80, 0x3727, 0xB727],
+        dtype=np.uint32,
+    )  # fmt: skip
+    sa, sb = np.meshgrid(special, special)
+    a = np.concatenate([*(every for _ in others), sa.ravel()])
+    b = np.concatenate([*others, sb.ravel()])
+    return (a & 0xFFFF).astype(np.uint16), (b & 0xFFFF).astype(np.uint16)
+
+
+EDGE = parse_criteria(["bitwise", TABLE6, "abs:0", "abs:1e-3", "abs:1e30", "rel:1e-3,1e-2,0,0.5,2,1e30"])
+
+
+def test_numba_matches_numpy_on_every_bf16_edge_case() -> None:
+    """The fused numba kernel and the numpy kernel agree bit for bit (and with the brute
+    force) on every bf16 bit pattern, ±0, NaN payloads, ±inf, subnormals and overflow."""
+    _numba_or_skip()
+    a, b = _bf16_edge_pairs()
+    got = compare(a, b, EDGE, dtypes=("bfloat16", "bfloat16"), backend="numba")
+    ref = compare(a, b, EDGE, dtypes=("bfloat16", "bfloat16"), backend="numpy")
+    assert got.counts == ref.counts
+    assert (got.bitwise_dtype, got.compute_dtype) == (ref.bitwise_dtype, ref.compute_dtype)
+    ta, tb = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16), torch.from_numpy(b.view(np.int16)).view(torch.bfloat16)
+    assert got.counts == [int(brute(ta, tb, c).sum()) for c in EDGE]
+    # Element by element: one element per call, so every count is that element's flag.
+    cases = {(0x0000, 0x8000): [1, 0], (0x7FC0, 0x7FC0): [0, 0], (0x7FC0, 0x7FC1): [1, 1],
+             (0x3F80, 0x7F80): [1, 1], (0x7F7F, 0xFF7F): [1, 1], (0x0001, 0x0002): [1, 1]}  # fmt: skip
+    for (x, y), want in cases.items():
+        one = compare(np.array([x], np.uint16), np.array([y], np.uint16), parse_criteria(["bitwise", "abs:0"]),
+                      dtypes=("bfloat16", "bfloat16"), backend="numba")  # fmt: skip
+        assert one.counts == want, (hex(x), hex(y))
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 16384, 16385, C.BLOCK_ELEMS + 12345])
+def test_numba_matches_numpy_on_random_pairs(n: int) -> None:
+    _numba_or_skip()
+    a, b = _random_pair(max(n, 1), torch.bfloat16, seed=n % 1000, specials=n > 100)
+    ra, rb = _bits(a)[:n], _bits(b)[:n]
+    for crits in (ALL, EDGE, [BITWISE], parse_criteria(["rel:1e-3"]), parse_criteria(["abs:1e-5", "bitwise"])):
+        got = compare(ra, rb, crits, dtypes=("bfloat16", "bfloat16"), backend="numba")
+        ref = compare(ra, rb, crits, dtypes=("bfloat16", "bfloat16"), backend="numpy")
+        assert got.counts == ref.counts, [str(c) for c in crits]
+        assert got.numel == ref.numel == n
+
+
+def test_numba_backend_scope(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` takes numba only for bf16 counts; masks and other dtypes stay on numpy."""
+    _numba_or_skip()
+    a, b = _random_pair(1000, torch.bfloat16, seed=3)
+    ra, rb = _bits(a), _bits(b)
+    with pytest.raises(ValueError, match="numba"):
+        compare(ra, rb, ALL, masks=[0], dtypes=("bfloat16", "bfloat16"), backend="numba")
+    calls = []
+    real = C._compare_numba
+    monkeypatch.setattr(C, "_compare_numba", lambda *x: calls.append(1) or real(*x))
+    auto = compare(ra, rb, ALL, dtypes=("bfloat16", "bfloat16"))
+    assert calls and auto.counts == compare(ra, rb, ALL, dtypes=("bfloat16", "bfloat16"), backend="numpy").counts
+    calls.clear()
+    compare(ra, rb, ALL, masks=[1], dtypes=("bfloat16", "bfloat16"))
+    compare(a.float(), b.float(), ALL)
+    assert not calls

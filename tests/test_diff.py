@@ -161,6 +161,24 @@ def test_known_counts_exact(known_pair: dict, workers: int, unit: int) -> None:
     assert r.excluded == []
 
 
+def test_numba_kernel_gives_the_known_counts(known_pair: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forcing the fused numba kernel (normally only for large bf16 pairs) changes nothing."""
+    pytest.importorskip("numba")
+    from rlsparsity.analysis import diff as diff_mod
+    from rlsparsity.analysis.criteria import numba_available
+
+    if not numba_available():
+        pytest.skip("numba kernel disabled or not compilable here")
+    small = diff(known_pair["base"], known_pair["target"], TABLE6, workers=2)
+    assert small.timing["kernel"] == "numpy"  # a few KB: not worth importing numba
+    monkeypatch.setattr(diff_mod, "NUMBA_MIN_BYTES_PER_WORKER", 0)
+    for workers, unit in ((1, 64), (2, 1 << 20)):
+        r = diff(known_pair["base"], known_pair["target"], TABLE6, workers=workers, unit_elems=unit)
+        assert r.timing["kernel"] == "numba"
+        assert {str(c): r.changed(c) for c in r.criteria} == known_pair["expected"]
+        assert {t.name: t.changed for t in r.tensors} == known_pair["per_tensor"]
+
+
 def test_random_pairs_match_numpy_brute_force(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(1)
     base, target = {}, {}

@@ -119,6 +119,61 @@ def test_matches_brute_force(mask_set) -> None:
     assert m["jaccard_random"] == pytest.approx(sim / (4000 - sim), rel=0.03)
 
 
+@pytest.mark.parametrize(
+    ("n", "n_new", "w", "seg"),
+    [
+        (1, 1, 5, None),
+        (3, 2, 700, None),
+        (5, 5, 1030, [0, 3, 4, 600]),
+        (8, 3, 16384, None),
+        (8, 8, 4097, [1, 17, 513, 514]),
+        (33, 1, 999, [0, 998]),
+        (6, 6, 0, None),
+        (9, 9, 1, None),
+        (13, 7, 2049, [0, 100]),
+    ],
+)
+def test_numba_kernel_matches_numpy(n: int, n_new: int, w: int, seg: list[int] | None) -> None:
+    """The register-blocked numba kernel and the numpy reference agree exactly."""
+    pytest.importorskip("numba")
+    if ov._numba_kernels() is None:
+        pytest.skip("numba kernel disabled or not compilable here")
+    rng = np.random.default_rng(n * 1000 + w)
+    X = rng.integers(0, 2**64, size=(n, w), dtype=np.uint64, endpoint=False)
+    # Rows of all-ones and all-zeros, and a sparse row: popcount extremes.
+    X[0] = np.uint64(2**64 - 1)
+    if n > 2:
+        X[2] = 0
+    if n > 3:
+        X[3] &= rng.integers(0, 2**64, size=w, dtype=np.uint64, endpoint=False)
+    s = None if seg is None else np.asarray(seg, dtype=np.int64)
+    got = ov.pair_counts(X, n_new, s, backend="numba")
+    ref = ov.pair_counts(X, n_new, s, backend="numpy")
+    assert got.dtype == ref.dtype == np.int64
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(
+        ov.row_popcounts(X, s, backend="numba"), ov.row_popcounts(X, s, backend="numpy")
+    )
+    # A non-contiguous view (a block wider than the words used) goes through a copy.
+    wide = np.zeros((n, w + 3), dtype=np.uint64)
+    wide[:, :w] = X
+    np.testing.assert_array_equal(ov.pair_counts(wide[:, :w], n_new, s, backend="numba"), ref)
+
+
+def test_numpy_path_matches_brute_force(mask_set, tmp_path, monkeypatch) -> None:
+    """With numba off (``RLSPARSITY_NUMBA=0`` or not installed) the numpy kernel runs, incl. incremental."""
+    paths, arrays = mask_set
+    monkeypatch.setattr(ov, "_NUMBA", False)
+    assert ov._numba_kernels() is None
+    res = compute_overlap(paths, labels_for(paths), use_ray=False, use_cache=False)
+    total, per_tensor = brute_force(arrays)
+    np.testing.assert_array_equal(res.tensor_inter, per_tensor)
+    compute_overlap(paths[:4], labels_for(paths[:4]), use_ray=False, cache_dir=tmp_path)
+    inc = compute_overlap(paths, labels_for(paths), use_ray=False, cache_dir=tmp_path)
+    assert inc.stats["pairs_computed"] == 15 - 6
+    np.testing.assert_array_equal(inc.tensor_inter, per_tensor)
+
+
 def test_groupings(mask_set) -> None:
     paths, arrays = mask_set
     res = compute_overlap(paths, labels_for(paths), use_ray=False, use_cache=False)

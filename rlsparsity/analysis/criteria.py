@@ -46,6 +46,7 @@ float16 cast is about 10x slower here); tensors on other devices use the torch v
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 import threading
@@ -301,7 +302,7 @@ def compare(
     masks: Sequence[int] = (),
     packed: bool = False,
     dtypes: tuple[str | None, str | None] = (None, None),
-    backend: Literal["auto", "numpy", "torch"] = "auto",
+    backend: Literal["auto", "numpy", "numba", "torch"] = "auto",
 ) -> Comparison:
     """Count changed elements of θ0=``a`` -> θ1=``b`` under every criterion in one pass.
 
@@ -312,7 +313,9 @@ def compare(
     are returned (``packed``: LSB-first packed bits, the mask format's layout, 1/8 of the
     memory). CPU data runs a blocked numpy kernel (cache-sized blocks, no allocation per
     call); tensors on other devices (or ``backend="torch"``) use plain torch ops with the
-    same semantics.
+    same semantics. A bf16 pair counted without masks runs the fused numba kernel when
+    numba is installed (``backend="auto"``; ``"numba"`` requires it, ``"numpy"`` never
+    uses it; ``RLSPARSITY_NUMBA=0`` turns it off): the same counts, bit for bit.
     """
     criteria = list(criteria)
     if backend == "torch" or (backend == "auto" and any(_is_torch(x) and x.device.type != "cpu" for x in (a, b))):
@@ -325,6 +328,15 @@ def compare(
     rb, nb = _as_raw(b, dtypes[1])
     if ra.size != rb.size:
         raise ValueError(f"compare: {ra.size} vs {rb.size} elements")
+    if backend in ("auto", "numba"):
+        fast = na == nb == "bfloat16" and not masks
+        kern = _numba_kernel() if (fast or backend == "numba") else None
+        if backend == "numba" and kern is None:
+            raise ValueError("the numba kernel is not available (numba missing or RLSPARSITY_NUMBA=0)")
+        if backend == "numba" and not fast:
+            raise ValueError("the numba kernel counts bf16 pairs without masks only")
+        if kern is not None:
+            return _compare_numba(kern, ra, rb, criteria)
     return _compare_np(ra, na, rb, nb, criteria, masks, packed)
 
 
@@ -421,6 +433,122 @@ def _blocks(
                     out_masks[i][s // 8 : (e + 7) // 8] = np.packbits(m, bitorder="little")
                 else:
                     out_masks[i][s:e] = m
+
+
+# ----------------------------------------------------------------------------- numba kernel
+
+# Elements per pass: each criterion runs over one stretch while it is in L1/L2.
+_NB_STRETCH = 1 << 14
+_u16_to_f32: Any = None  # bf16 bits -> float32 (16-bit shift + bitcast), set before compiling
+
+
+def _bf16_counts(a, b, thr_abs, thr_rel, counts):  # pragma: no cover - compiled by numba
+    """counts[0] += bits differ; counts[1 + k] += abs:thr_abs[k]; counts[1 + K + k] += rel:thr_rel[k].
+
+    ``a``, ``b``: bf16 bits (uint16). The definitions of the numpy kernel, branch-free so
+    that LLVM vectorises them, with no floating-point reassociation (fastmath off):
+    Δ = |fb - fa| in float32; abs: changed iff bits differ and not Δ <= thr (so NaN/inf Δ
+    gives "bits differ"); rel: changed iff bits differ and (Δ not finite or
+    Δ > thr * max(|fa|, |fb|)). Bit-identical elements are unchanged under every criterion.
+    """
+    n = a.shape[0]
+    n_abs = thr_abs.shape[0]
+    n_rel = thr_rel.shape[0]
+    inf = np.float32(np.inf)
+    for s in range(0, n, _NB_STRETCH):
+        m = min(n - s, _NB_STRETCH)
+        x = a[s : s + m]
+        y = b[s : s + m]
+        c = 0
+        for i in range(m):
+            c += x[i] != y[i]
+        counts[0] += c
+        if c == 0:
+            continue  # abs/rel changes are a subset of bitwise changes
+        for k in range(n_abs):
+            t = thr_abs[k]
+            c = 0
+            for i in range(m):
+                d = abs(_u16_to_f32(y[i]) - _u16_to_f32(x[i]))
+                c += (x[i] != y[i]) & (not (d <= t))
+            counts[1 + k] += c
+        for k in range(n_rel):
+            t = thr_rel[k]
+            c = 0
+            for i in range(m):
+                fa = _u16_to_f32(x[i])
+                fb = _u16_to_f32(y[i])
+                d = abs(fb - fa)
+                r = max(abs(fa), abs(fb)) * t
+                c += (x[i] != y[i]) & ((not (d < inf)) | (d > r))
+            counts[1 + n_abs + k] += c
+
+
+_NUMBA: Any = None  # None: not tried yet; False: unavailable; else the compiled kernel
+_numba_lock = threading.Lock()
+
+
+def _numba_kernel() -> Any:
+    """The compiled :func:`_bf16_counts`, or None (numba missing, disabled, or failing)."""
+    global _NUMBA, _u16_to_f32
+    if _NUMBA is not None:
+        return _NUMBA or None
+    with _numba_lock:  # the diff's worker threads may all ask at once
+        if _NUMBA is not None:
+            return _NUMBA or None
+        if os.environ.get("RLSPARSITY_NUMBA", "1").strip().lower() in ("0", "false", "no", "off"):
+            _NUMBA = False
+            return None
+        try:
+            from numba import types
+            from numba.extending import intrinsic
+
+            from rlsparsity.analysis.numba_jit import njit
+
+            @intrinsic
+            def u16_to_f32(typingctx, x):  # noqa: ARG001
+                def codegen(context, builder, signature, args):  # noqa: ARG001
+                    wide = builder.shl(builder.zext(args[0], context.get_value_type(types.uint32)), context.get_constant(types.uint32, 16))
+                    return builder.bitcast(wide, context.get_value_type(types.float32))
+
+                return types.float32(types.uint16), codegen
+
+            _u16_to_f32 = u16_to_f32
+            kern = njit(_bf16_counts)
+            z16 = np.zeros(2, dtype=np.uint16)
+            kern(z16, z16, np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros(3, np.int64))
+            _NUMBA = kern
+        except Exception as e:  # ImportError, or an LLVM/numba failure: numpy it is
+            if not isinstance(e, ImportError):
+                import warnings
+
+                warnings.warn(f"numba diff kernel unavailable ({e}); using numpy", stacklevel=2)
+            _NUMBA = False
+    return _NUMBA or None
+
+
+def numba_available() -> bool:
+    """Whether the fused numba kernel is in use for bf16 counts (imports numba: ~0.3 s once)."""
+    return _numba_kernel() is not None
+
+
+def _compare_numba(kern: Any, ra: np.ndarray, rb: np.ndarray, criteria: list[Criterion]) -> Comparison:
+    f32 = np.dtype(np.float32)
+    idx_abs = [i for i, c in enumerate(criteria) if c.mode == "abs"]
+    idx_rel = [i for i, c in enumerate(criteria) if c.mode == "rel"]
+    thr_abs = np.array([criteria[i].threshold(f32) for i in idx_abs], dtype=np.float32)
+    thr_rel = np.array([criteria[i].threshold(f32) for i in idx_rel], dtype=np.float32)
+    out = np.zeros(1 + len(idx_abs) + len(idx_rel), dtype=np.int64)
+    kern(ra.view(np.uint16), rb.view(np.uint16), thr_abs, thr_rel, out)
+    counts = [0] * len(criteria)
+    for i, c in enumerate(criteria):
+        if c.mode == "bitwise":
+            counts[i] = int(out[0])
+    for k, i in enumerate(idx_abs):
+        counts[i] = int(out[1 + k])
+    for k, i in enumerate(idx_rel):
+        counts[i] = int(out[1 + len(idx_abs) + k])
+    return Comparison(counts=counts, numel=ra.size, bitwise_dtype="bfloat16", compute_dtype="float32")
 
 
 def _compare_torch(a: Any, b: Any, criteria: list[Criterion], want: Sequence[int], packed: bool) -> Comparison:

@@ -70,6 +70,7 @@ from rlsparsity.analysis.criteria import (
     Criterion,
     common_dtypes,
     compare,
+    numba_available,
     parse_criteria,
 )
 
@@ -379,7 +380,27 @@ def _digests(raw: np.ndarray, count: int, itemsize: int) -> list[bytes]:
     return [chunk_digest(raw[s : s + step]) for s in range(0, count * itemsize, step)]
 
 
-def _run_task(t: _Task, criteria: Sequence[Criterion], reader: Reader) -> _Out:
+# The fused numba kernel counts a bf16 pair about 5x faster per core than numpy (about 35
+# vs 6 GB/s of input here), but importing numba costs about 0.3 s of one core: on the
+# 2-core reference machine the two break even near 3 GB of bf16 input per worker (see
+# benchmarks/BENCHMARKS.md). Smaller runs keep the numpy kernel. RLSPARSITY_NUMBA=0 turns
+# numba off; RLSPARSITY_NUMBA_MIN_BYTES overrides this threshold (0: always numba).
+NUMBA_MIN_BYTES_PER_WORKER = float(os.environ.get("RLSPARSITY_NUMBA_MIN_BYTES", 4e9))
+
+
+def _kernel_backend(plan: Plan, workers: int, masks: bool) -> str:
+    """"numpy", or "auto" (the numba kernel, loaded now) when the bf16 work pays for numba."""
+    if masks:
+        return "numpy"  # masks use the numpy kernel anyway
+    bf16 = sum(
+        p.base.numel * 4 for p in plan.pairs if p.base.dtype_name == p.target.dtype_name == "bfloat16"
+    )
+    if bf16 < NUMBA_MIN_BYTES_PER_WORKER * workers:
+        return "numpy"
+    return "auto" if numba_available() else "numpy"
+
+
+def _run_task(t: _Task, criteria: Sequence[Criterion], reader: Reader, backend: str = "auto") -> _Out:
     ra = rb = None
     nbytes = 0
     if t.a is not None:
@@ -395,7 +416,7 @@ def _run_task(t: _Task, criteria: Sequence[Criterion], reader: Reader) -> _Out:
         return _Out(*head, None if t.pair < 0 else [0] * len(criteria), b"" if t.mask else None, da, db, nbytes, None)
     cmp = compare(
         ra.view(t.a.storage), rb.view(t.b.storage), criteria,
-        masks=[0] if t.mask else (), packed=True, dtypes=(t.a.dtype_name, t.b.dtype_name),
+        masks=[0] if t.mask else (), packed=True, dtypes=(t.a.dtype_name, t.b.dtype_name), backend=backend,
     )
     bits = cmp.masks[0].tobytes() if t.mask else None
     return _Out(*head, cmp.counts, bits, da, db, nbytes, (cmp.bitwise_dtype, cmp.compute_dtype))
@@ -516,6 +537,7 @@ def diff_checkpoints(
     try:
         plan = plan_diff(base, target, allow_mismatch=allow_mismatch, reader=reader)
         base_meta, target_meta = base.describe(), target.describe()
+        backend = _kernel_backend(plan, workers, bool(mask_path))
 
         # Hash each stored tensor once: in the task that reads it, else in a hash-only task.
         hashed_a: set[str] = set()
@@ -570,7 +592,7 @@ def diff_checkpoints(
                 started_ray = True
             outs = _ray_ordered(tasks(), crits)
         else:
-            outs = _ordered(lambda t: _run_task(t, crits, reader), tasks(), workers, 2 * workers + 2)
+            outs = _ordered(lambda t: _run_task(t, crits, reader, backend), tasks(), workers, 2 * workers + 2)
 
         needs_torch = any(x.dtype in _TORCH_CODES for p in plan.pairs for x in (p.base, p.target))
         with _single_threaded_torch(needs_torch):
@@ -618,6 +640,8 @@ def diff_checkpoints(
                 "bytes_per_s": nbytes / wall if wall > 0 else None,
                 "workers": workers,
                 "backend": "ray" if use_ray else "threads",
+                # bf16 counting kernel: "numba" (fused) or "numpy" (see _kernel_backend).
+                "kernel": "numpy" if use_ray or backend == "numpy" else "numba",
                 "unit_elems": unit_elems,
             },
         )

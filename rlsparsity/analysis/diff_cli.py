@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rlsparsity import DEFAULT_TRACKING_URI
 from rlsparsity.analysis.checkpoints import CheckpointError
 from rlsparsity.analysis.criteria import DEFAULT_CRITERIA, CriterionError, parse_criteria
-from rlsparsity.platform.config import DEFAULT_TRACKING_URI
 
 DEFAULT_EXPERIMENT = "rlsparsity-diff"
 

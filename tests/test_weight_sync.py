@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from rlsparsity.platform.weight_sync import Bf16SyncState, apply_patch, bf16_bits, full_patch
@@ -41,3 +42,19 @@ def test_full_patch_restores_a_fresh_engine():
     apply_patch(dst, full_patch(src.named_parameters()))
     for ps, pd in zip(src.parameters(), dst.parameters(), strict=True):
         assert torch.equal(pd, ps.to(torch.bfloat16).float())
+
+
+def test_choose_patch_goes_dense_by_mode_or_size():
+    from rlsparsity.platform.weight_sync import choose_patch
+
+    w = torch.nn.Parameter(torch.zeros(100))
+    state = Bf16SyncState([("w", w)])
+    with torch.no_grad():
+        w[:10] = 1.0
+    patch = state.diff([("w", w)])  # 10 entries x 6 bytes = 60 of 200 dense bytes
+    assert choose_patch(patch, [("w", w)], "sparse", 0.5) is patch
+    full = choose_patch(patch, [("w", w)], "sparse", 0.25)
+    assert full.tensors["w"][0] is None and full.nbytes == 200 and full.changed == 10
+    assert choose_patch(patch, [("w", w)], "dense", 0.9).tensors["w"][0] is None
+    with pytest.raises(ValueError, match="sync mode"):
+        choose_patch(patch, [("w", w)], "sideways", 0.5)

@@ -10,8 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Local SQLite store in the working directory: the embedded default, no server needed.
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+from rlsparsity import DEFAULT_TRACKING_URI
 
 
 class _Strict(BaseModel):
@@ -41,10 +40,33 @@ class TrainingSpec(_Strict):
     masks: MaskSpec = MaskSpec()
 
 
+class VLLMSpec(_Strict):
+    """Options of the vllm rollout engine (`rlsparsity.platform.vllm_engine.VLLMEngine`)."""
+
+    max_model_len: int | None = Field(None, ge=1, description="default: the model's context length")
+    gpu_memory_utilization: float = Field(0.15, gt=0, le=1, description="on CPU: the share of host memory for the KV cache")
+    enforce_eager: bool = True
+    tensor_parallel_size: int = Field(1, ge=1)
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="float32 holding bf16 values (CPU: bf16 math is ~5x slower); weights always equal the bf16 view"
+    )
+
+
+class SyncSpec(_Strict):
+    """Learner -> rollout weight sync."""
+
+    mode: Literal["sparse", "dense"] = "sparse"
+    dense_above: float = Field(
+        0.5, gt=0, le=1, description="sparse mode sends the whole model when the patch exceeds this share of the dense bytes"
+    )
+
+
 class RolloutSpec(_Strict):
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf", "vllm"] = "hf"
     replicas: int = Field(1, ge=1)
     cpus: float = Field(0.5, gt=0)
+    vllm: VLLMSpec = VLLMSpec()
+    sync: SyncSpec = SyncSpec()
 
 
 class ResourcesSpec(_Strict):

@@ -27,10 +27,10 @@ from rlsparsity.platform.config import TrialSpec
 from rlsparsity.platform.mask_recorder import MaskRecorder
 from rlsparsity.platform.models import load_model, load_tokenizer
 from rlsparsity.platform.pairs import offline_pairs, rollout_pairs
-from rlsparsity.platform.rollout import generate_sharded
+from rlsparsity.platform.rollout import RolloutPool
 from rlsparsity.platform.tasks import answer_correct, get_task, reward
 from rlsparsity.platform.tracking import Tracker
-from rlsparsity.platform.weight_sync import Bf16SyncState
+from rlsparsity.platform.weight_sync import Bf16SyncState, choose_patch
 
 REPORT_EVERY = 10  # steps between progress reports to Ray Train / Tune
 
@@ -43,10 +43,10 @@ def tied_groups(model: torch.nn.Module) -> list[list[str]]:
     return [names for names in by_ptr.values() if len(names) > 1]
 
 
-def greedy_accuracy(actors: list, tok, problems, max_new_tokens: int) -> dict[str, float]:
+def greedy_accuracy(pool: RolloutPool, tok, problems, max_new_tokens: int) -> dict[str, float]:
     """Test accuracy of what the rollout engines hold (the bf16 view), greedy decoding:
     `test_accuracy` by the reward (answer, then stop), `test_answer_accuracy` by the answer alone."""
-    outs = generate_sharded(actors, [p.prompt for p in problems], n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
+    outs = pool.generate([p.prompt for p in problems], n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
     texts = [tok.decode(o[0], skip_special_tokens=True) for o in outs]
     return {
         "test_accuracy": float(np.mean([reward(x, p.answer) for x, p in zip(texts, problems, strict=True)])),
@@ -54,12 +54,19 @@ def greedy_accuracy(actors: list, tok, problems, max_new_tokens: int) -> dict[st
     }
 
 
-def preference_accuracy(policy: torch.nn.Module, tok, problems) -> float:
-    """Share of held-out (correct, near-miss) pairs where the policy gives the correct answer
-    the higher log-probability: the objective preference algorithms train, measured the same
-    way for every algorithm."""
-    encode = lambda text, special: tok(text, add_special_tokens=special)["input_ids"]  # noqa: E731
-    pairs = offline_pairs(problems, encode, tok.eos_token_id, seed=0)
+def held_out_pairs(pool: RolloutPool, tok, problems, n: int = 8) -> list:
+    """θ0's own (correct, wrong) sample pairs on test prompts where its k samples disagree:
+    the pairs θ0 is unsure about, fixed for the trial."""
+    outs = pool.generate([p.prompt for p in problems], n=n, temperature=1.0, max_new_tokens=8, seed=123)
+    rewards = [[reward(tok.decode(c, skip_special_tokens=True), p.answer) for c in cs] for cs, p in zip(outs, problems, strict=True)]
+    return rollout_pairs([tok(p.prompt)["input_ids"] for p in problems], outs, rewards, "random_negative", seed=0)
+
+
+def preference_accuracy(policy: torch.nn.Module, tok, pairs: list) -> float:
+    """Share of `pairs` where the policy gives the correct sample the higher log-probability:
+    the objective preference algorithms train, measured the same way for every algorithm."""
+    if not pairs:
+        return float("nan")
     prompts = [p for p, _, _ in pairs]
     scores = []
     for side in (1, 2):
@@ -76,20 +83,20 @@ def _step_problems(task, spec: TrialSpec, step: int, rank: int, world: int) -> l
     return task.problems("train", n, seed=spec.seed * 1_000_003 + step)[rank::world]
 
 
-def _sample(spec: TrialSpec, step: int, rank: int, world: int, actors, tok, task) -> tuple[list, list, list]:
+def _sample(spec: TrialSpec, step: int, rank: int, world: int, pool: RolloutPool, tok, task) -> tuple[list, list, list]:
     """This rank's prompts for the step, k samples each, and their rewards."""
     t = spec.training
     problems = _step_problems(task, spec, step, rank, world)
-    outs = generate_sharded(
-        actors, [p.prompt for p in problems], n=t.samples_per_prompt, temperature=t.temperature,
+    outs = pool.generate(
+        [p.prompt for p in problems], n=t.samples_per_prompt, temperature=t.temperature,
         max_new_tokens=t.max_new_tokens, seed=spec.seed * 100_003 + step * world + rank,
     )
     rewards = [[reward(tok.decode(c, skip_special_tokens=True), p.answer) for c in samples] for p, samples in zip(problems, outs, strict=True)]
     return [tok(p.prompt)["input_ids"] for p in problems], outs, rewards
 
 
-def _rollout_batch(spec: TrialSpec, step: int, rank: int, world: int, actors, tok, task) -> tuple[StepBatch, dict]:
-    prompt_ids, outs, rewards = _sample(spec, step, rank, world, actors, tok, task)
+def _rollout_batch(spec: TrialSpec, step: int, rank: int, world: int, pool: RolloutPool, tok, task) -> tuple[StepBatch, dict]:
+    prompt_ids, outs, rewards = _sample(spec, step, rank, world, pool, tok, task)
     k = spec.training.samples_per_prompt
     prompts = [p for p in prompt_ids for _ in range(k)]
     r = torch.tensor(rewards, dtype=torch.float32).view(-1)
@@ -97,14 +104,14 @@ def _rollout_batch(spec: TrialSpec, step: int, rank: int, world: int, actors, to
     return batch, {"reward": r.mean().item()}
 
 
-def _pair_batch(spec: TrialSpec, step: int, rank: int, world: int, actors, tok, task) -> tuple[StepBatch, dict]:
+def _pair_batch(spec: TrialSpec, step: int, rank: int, world: int, pool: RolloutPool, tok, task) -> tuple[StepBatch, dict]:
     source = spec.algo_config.pairs
     metrics = {}
     if source == "offline":
         encode = lambda text, special: tok(text, add_special_tokens=special)["input_ids"]  # noqa: E731
         pairs = offline_pairs(_step_problems(task, spec, step, rank, world), encode, tok.eos_token_id, seed=spec.seed * 1_000_003 + step)
     else:
-        prompt_ids, outs, rewards = _sample(spec, step, rank, world, actors, tok, task)
+        prompt_ids, outs, rewards = _sample(spec, step, rank, world, pool, tok, task)
         pairs = rollout_pairs(prompt_ids, outs, rewards, source, seed=spec.seed * 1_000_003 + step)
         metrics["reward"] = float(np.mean(rewards))
     metrics["pairs"] = len(pairs)
@@ -154,7 +161,6 @@ def train_loop(cfg: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(spec.seed)
-    actors = cfg["rollout_actors"]
     tok = load_tokenizer(cfg["model_path"])
     task = get_task(spec.dataset)
     algo = get_algorithm(spec.algorithm)
@@ -169,6 +175,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if t.kl_coef > 0 or algo.uses_reference else None
     aux = algo.aux(policy, acfg, t) if algo.aux else {}
     named = list(policy.named_parameters())
+    pool = RolloutPool(cfg["rollout_actors"], named)
 
     def wrap(m: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(m, move_to_device=False) if world > 1 else m
@@ -192,17 +199,20 @@ def train_loop(cfg: dict[str, Any]) -> None:
         sync = Bf16SyncState(named)
         recorder = MaskRecorder(named, base=cfg["base"], tied=tied_groups(policy))
         test = task.problems("test", t.eval_problems, seed=10_000)
-        acc_before = greedy_accuracy(actors, tok, test, t.max_new_tokens)
-        acc_before["test_preference_accuracy"] = preference_accuracy(policy, tok, test)
+        acc_before = greedy_accuracy(pool, tok, test, t.max_new_tokens)
+        pref_pairs = held_out_pairs(pool, tok, test)
+        acc_before["test_preference_accuracy"] = preference_accuracy(policy, tok, pref_pairs)
+        acc_before["test_preference_pairs"] = len(pref_pairs)
         tracker.log_metrics(run_id, {f"{k}_before": v for k, v in acc_before.items()}, step=0)
         sync_bytes = dense_bytes = 0
+        rewards: list[float] = []  # sampled reward per step, for the first-vs-last summary
 
     for step in range(1, t.steps + 1):
         t0 = time.perf_counter()
         if algo.source == "rollouts":
-            batch, metrics = _rollout_batch(spec, step, rank, world, actors, tok, task)
+            batch, metrics = _rollout_batch(spec, step, rank, world, pool, tok, task)
         elif algo.source == "pairs":
-            batch, metrics = _pair_batch(spec, step, rank, world, actors, tok, task)
+            batch, metrics = _pair_batch(spec, step, rank, world, pool, tok, task)
         else:
             batch, metrics = _dataset_batch(spec, step, rank, world, tok, task)
         with torch.no_grad():
@@ -227,8 +237,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
         metrics.update(loss=loss.item(), lr=schedules[0].get_last_lr()[0], **loss_metrics)
 
         if rank == 0:
-            patch = sync.diff(named)
-            ray.get([a.apply_patch.remote(patch) for a in actors])
+            r = spec.rollout.sync
+            patch = choose_patch(sync.diff(named), named, r.mode, r.dense_above)
+            pool.sync(patch, version=step)
             sync_bytes += patch.nbytes
             dense_bytes += patch.dense_bytes
             metrics.update(sync_bytes=patch.nbytes, sync_dense_bytes=patch.dense_bytes,
@@ -239,8 +250,11 @@ def train_loop(cfg: dict[str, Any]) -> None:
                     stats = recorder.record(named, Path(workdir) / name, target={"run_id": run_id, "step": step})
                     tracker.log_artifact(run_id, Path(workdir) / name, "masks")
                 metrics.update(stats.metrics())
+            metrics["rollout_restarts"] = pool.restarts
             metrics["step_time_s"] = time.perf_counter() - t0
             tracker.log_metrics(run_id, metrics, step=step)
+            if "reward" in metrics:
+                rewards.append(metrics["reward"])
         if world > 1:
             dist.barrier()  # nobody samples from the engines before rank 0 has synced them
         if step % REPORT_EVERY == 0 or step == t.steps:
@@ -249,9 +263,13 @@ def train_loop(cfg: dict[str, Any]) -> None:
             ray.train.report({"step": step, **{k: v for k, v in metrics.items() if "/" not in k}})
 
     if rank == 0:
-        acc_after = greedy_accuracy(actors, tok, test, t.max_new_tokens)
-        acc_after["test_preference_accuracy"] = preference_accuracy(policy, tok, test)
+        acc_after = greedy_accuracy(pool, tok, test, t.max_new_tokens)
+        acc_after["test_preference_accuracy"] = preference_accuracy(policy, tok, pref_pairs)
+        summary = {f"{k}_after": v for k, v in acc_after.items()}
+        if rewards:  # the sampled reward over the first and the last (up to) ten steps
+            w = max(1, min(10, len(rewards) // 4))
+            summary.update(train_reward_first=float(np.mean(rewards[:w])), train_reward_last=float(np.mean(rewards[-w:])))
         tracker.log_metrics(run_id, {
-            **{f"{k}_after": v for k, v in acc_after.items()}, "sync_bytes_total": sync_bytes, "sync_dense_bytes_total": dense_bytes,
+            **summary, "sync_bytes_total": sync_bytes, "sync_dense_bytes_total": dense_bytes,
             **stats.metrics("final/"),
         }, step=t.steps)

@@ -68,6 +68,20 @@ def full_patch(named_params: Iterable[tuple[str, torch.Tensor]]) -> SparsePatch:
     return patch
 
 
+def choose_patch(
+    patch: SparsePatch, named_params: Iterable[tuple[str, torch.Tensor]], mode: str, dense_above: float
+) -> SparsePatch:
+    """`patch`, or the full bf16 view when `mode` is dense or the sparse patch is larger
+    than `dense_above` of the dense bytes (then indices no longer pay for themselves)."""
+    if mode not in ("sparse", "dense"):
+        raise ValueError(f"unknown sync mode {mode!r}; allowed: sparse, dense")
+    if mode == "dense" or (patch.dense_bytes and patch.nbytes > dense_above * patch.dense_bytes):
+        full = full_patch(named_params)
+        full.changed = patch.changed  # what changed since the last sync, whatever was sent
+        return full
+    return patch
+
+
 @torch.no_grad()
 def apply_patch(model: torch.nn.Module, patch: SparsePatch) -> None:
     params = dict(model.named_parameters())

@@ -30,6 +30,8 @@ SUMMARY_KEYS = (
     "test_answer_accuracy_after",
     "test_preference_accuracy_before",
     "test_preference_accuracy_after",
+    "train_reward_first",
+    "train_reward_last",
     "final/sparsity_bf16",
     "final/master_changed_frac",
     "sync_bytes_total",
@@ -48,6 +50,15 @@ def trial_tags(spec: TrialSpec, ctx: dict[str, Any]) -> dict[str, Any]:
         "git_commit": ctx["git_commit"],
         "rlsparsity.label": spec.label,
     }
+
+
+def engine_options(spec: TrialSpec) -> dict[str, Any] | None:
+    """Keyword arguments of the rollout engine beyond (model, threads, replica)."""
+    if spec.rollout.backend == "vllm":
+        # vLLM seeds the engine once (per-request seeds fail on CPU): the trial seed, with the
+        # replica folded in by the engine.
+        return {"seed": spec.seed, **spec.rollout.vllm.model_dump()}
+    return None
 
 
 def run_trial(point: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -74,9 +85,13 @@ def run_trial(point: dict[str, Any], ctx: dict[str, Any]) -> None:
             RolloutActor.options(
                 num_cpus=r.cpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            ).remote(r.backend, ctx["model_path"], i, max(1, int(r.cpus)))
+            ).remote(r.backend, ctx["model_path"], i, max(1, int(r.cpus)), engine_options(spec))
             for i in range(r.replicas)
         ]
+        if r.backend == "vllm":
+            from rlsparsity.platform.vllm_engine import engine_seed
+
+            tracker.log_params(run_id, {"rollout.engine_seeds": [engine_seed(spec.seed, i) for i in range(r.replicas)]})
         res = spec.resources
         trainer = TorchTrainer(
             train_loop,

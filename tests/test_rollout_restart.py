@@ -1,0 +1,73 @@
+"""A rollout actor whose process dies is restarted by Ray, gets the learner's current
+weights in full, and generation goes on: no θ0 weights served, no patch applied to the
+wrong base."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlsparsity.platform.models import load_model
+from rlsparsity.platform.rollout import RolloutActor, RolloutPool
+from rlsparsity.platform.weight_sync import Bf16SyncState, bf16_bits
+
+
+def _kill(actor) -> None:
+    import ray
+
+    os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)
+
+
+def _engine_matches(actor, named) -> bool:
+    import ray
+
+    held = ray.get(actor.weights_bf16.remote())
+    return all(torch.equal(held[n], bf16_bits(p)) for n, p in named)
+
+
+def _train_a_bit(model: torch.nn.Module, seed: int) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-2 * (torch.rand_like(p) < 0.1))
+
+
+@pytest.mark.slow
+def test_killed_actor_is_restarted_and_resynced(embedded_model_dir: Path, ray_session) -> None:
+    ray = ray_session
+    learner = load_model(embedded_model_dir)
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.copy_(p.to(torch.bfloat16))
+    named = list(learner.named_parameters())
+    actor = RolloutActor.options(num_cpus=0.5).remote("hf", str(embedded_model_dir), 0, 1)
+    pool = RolloutPool([actor], named)
+    sync = Bf16SyncState(named)
+    prompts = ["12+34=", "7*8=", "305+9="]
+
+    _train_a_bit(learner, 1)
+    pool.sync(sync.diff(named), version=1)
+    assert _engine_matches(actor, named)
+    first_pid = ray.get(actor.pid.remote())
+
+    # Dies between syncs: the next generation finds it gone, waits for the restart, sends
+    # the full weights, and generates from them.
+    _kill(actor)
+    out = pool.generate(prompts, n=1, temperature=0.0, max_new_tokens=6, seed=0)
+    assert len(out) == 3 and pool.restarts == 1
+    assert ray.get(actor.pid.remote()) != first_pid
+    assert ray.get(actor.get_version.remote()) == 1
+    assert _engine_matches(actor, named)
+
+    # Dies before a sync: the sparse patch cannot be applied to a θ0 engine, so the pool
+    # sends the full weights at the new version instead.
+    _kill(actor)
+    _train_a_bit(learner, 2)
+    pool.sync(sync.diff(named), version=2)
+    assert pool.restarts == 2 and ray.get(actor.get_version.remote()) == 2
+    assert _engine_matches(actor, named)
+    ray.kill(actor)

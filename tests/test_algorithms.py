@@ -95,7 +95,7 @@ def test_registry_rejects_duplicates_and_unknown_names():
         register_algorithm("grpo", source="rollouts")(lambda *a: None)
     with pytest.raises(ValueError, match="allowed: .*grpo.*sft"):
         get_algorithm("nope")
-    assert set(ALGORITHMS) >= {"grpo", "rloo", "ppo", "prime", "raft", "raft++", "sft"}
+    assert set(ALGORITHMS) >= {"grpo", "rloo", "ppo", "prime", "raft", "raftpp", "sft"}
 
 
 def test_readme_example_registers_a_usable_algorithm():

@@ -297,11 +297,11 @@ def test_raft_trains_only_on_correct_samples():
     assert m["kept"] == 2
 
 
-@pytest.mark.parametrize("name", ["raft", "raft++"])
+@pytest.mark.parametrize("name", ["raft", "raftpp"])
 def test_raft_with_nothing_correct_is_a_connected_zero(name):
     model = Unigram()
     sb = StepBatch(build_batch([[0], [0]], [[2], [3]], pad_id=0), rewards=torch.tensor([0.0, 0.0]), group_size=2)
-    cfg = RAFTPlusPlusConfig() if name == "raft++" else RAFTConfig()
+    cfg = RAFTPlusPlusConfig() if name == "raftpp" else RAFTConfig()
     loss, m = get_algorithm(name).loss(Models(model), sb, cfg, TrainingSpec())
     assert loss.item() == 0.0 and m["kept"] == 0
     loss.backward()
@@ -313,14 +313,14 @@ def test_raft_plus_plus_is_raft_on_policy_and_clips_off_policy():
     rewards = torch.tensor([1.0, 0.0])
     raft, rpp = Unigram(), Unigram()
     get_algorithm("raft").loss(Models(raft), StepBatch(tokens, rewards=rewards), RAFTConfig(), TrainingSpec())[0].backward()
-    get_algorithm("raft++").loss(Models(rpp), StepBatch(tokens, rewards=rewards), RAFTPlusPlusConfig(), TrainingSpec())[0].backward()
+    get_algorithm("raftpp").loss(Models(rpp), StepBatch(tokens, rewards=rewards), RAFTPlusPlusConfig(), TrainingSpec())[0].backward()
     torch.testing.assert_close(rpp.w.grad, raft.w.grad)  # ρ ≡ 1: same gradient as SFT on kept samples
     # Behaviour policy far less likely on token 2 (ρ = e > 1.2): that token is clipped, token 3 is not.
     model = Unigram()
     logp = token_logprobs(model, tokens).detach()
     old = logp.clone()
     old[0, 0] -= 1.0
-    loss, m = get_algorithm("raft++").loss(Models(model), StepBatch(tokens, rewards=rewards, old_logps=old),
+    loss, m = get_algorithm("raftpp").loss(Models(model), StepBatch(tokens, rewards=rewards, old_logps=old),
                                            RAFTPlusPlusConfig(epsilon=0.2), TrainingSpec())
     assert loss.item() == pytest.approx(-(1.2 + 1.0) / 2, rel=1e-5)
     assert m["clip_frac"] == 0.5
@@ -341,7 +341,7 @@ def test_raft_plus_plus_is_raft_on_policy_and_clips_off_policy():
         ("ppo", {"critic": {"lr": 1e-4}}),
         ("prime", {}),
         ("raft", {}),
-        ("raft++", {}),
+        ("raftpp", {}),
     ],
 )
 def test_each_algorithm_runs_a_multi_pass_minibatched_step(name, raw):

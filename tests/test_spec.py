@@ -29,14 +29,14 @@ def test_overrides_are_dotted_and_parsed_as_yaml():
 @pytest.mark.parametrize(
     ("override", "field", "allowed"),
     [
-        ("algorithm=trpo", "algorithm", "allowed: dpo, grpo, kto, orpo, ppo, prime, raft, raft++, rloo, sft, simpo"),
+        ("algorithm=trpo", "algorithm", "allowed: dpo, grpo, kto, orpo, ppo, prime, raft, raftpp, rloo, sft, simpo"),
         # issue 5's bad configs: each names the field
         ("algorithm=dpo", "algorithm_config.dpo.pairs", "Field required"),
         ("algorithm=ppo", "algorithm_config.ppo.critic", "Field required"),
         ("algorithm_config.grpo.loss_type=foo", "algorithm_config.grpo.loss_type", "'grpo', 'bnpo', 'dr_grpo' or 'dapo'"),
         ("algorithm_config.ppo.critic.learning_rate=1", "algorithm_config.ppo.critic.learning_rate", "allowed here: lr,"),
         ("algorithm=sft;training.kl_coef=0.1", "training.kl_coef", "sft applies no KL penalty; set 0, or use one of: grpo, ppo, prime, rloo"),
-        ("algorithm_config.nope.beta=1", "algorithm_config.nope", "unknown algorithm; allowed: dpo, grpo, kto, orpo, ppo, prime, raft, raft++, rloo, sft, simpo"),
+        ("algorithm_config.nope.beta=1", "algorithm_config.nope", "unknown algorithm; allowed: dpo, grpo, kto, orpo, ppo, prime, raft, raftpp, rloo, sft, simpo"),
         ("dataset=gsm8k", "dataset", "allowed: add, mul"),
         ("training.foo=1", "training.foo", "allowed here: steps, lr"),
         ("rollout.backend=tgi", "rollout.backend", "'hf'"),
@@ -58,7 +58,7 @@ def test_cli_exits_nonzero_with_the_field_name(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"name": "bad", "algorithm": ["grpo", "nope"]}))
     assert main(["sweep", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "algorithm: unknown algorithm 'nope'; allowed: dpo, grpo, kto, orpo, ppo, prime, raft, raft++, rloo, sft, simpo" in err
+    assert "algorithm: unknown algorithm 'nope'; allowed: dpo, grpo, kto, orpo, ppo, prime, raft, raftpp, rloo, sft, simpo" in err
 
 
 def test_quickstart_spec_is_the_default_grid():

@@ -85,7 +85,7 @@ def test_bad_spec_exits_nonzero_and_records_no_run(tmp_path, capsys):
     db = tmp_path / "m.db"
     rc = main(["sweep", "sweeps/quickstart.yaml", "--set", "algorithm=[grpo,nope]", "--set", f"tracking.uri=sqlite:///{db}"])
     assert rc == 2
-    assert "algorithm: unknown algorithm 'nope'; allowed: dpo, grpo, kto, orpo, ppo, prime, raft, raft++, rloo, sft, simpo" in capsys.readouterr().err
+    assert "algorithm: unknown algorithm 'nope'; allowed: dpo, grpo, kto, orpo, ppo, prime, raft, raftpp, rloo, sft, simpo" in capsys.readouterr().err
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     finished = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id]) if r.info.status == "FINISHED"]
     assert finished == []

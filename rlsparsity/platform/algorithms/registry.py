@@ -29,6 +29,7 @@ values, advantages, PRIME's token rewards) into `StepBatch.old_logps` / `.extras
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -138,6 +139,9 @@ def register_algorithm(
     prepare: PrepareFn | None = None,
     kl_penalty: bool = False,
 ) -> Callable[[LossFn], LossFn]:
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        # The name becomes MLflow param keys, run labels and paths: keep it plain.
+        raise ValueError(f"algorithm name {name!r}: use lowercase letters, digits and _ (e.g. 'raftpp')")
     if source == "pairs" and "pairs" not in config.model_fields:
         raise ValueError(f"algorithm {name!r} reads preference pairs: its config needs a `pairs` field")
 

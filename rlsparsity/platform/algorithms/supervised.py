@@ -33,6 +33,9 @@ class RAFTConfig(AlgorithmConfig):
 
 class RAFTPlusPlusConfig(RAFTConfig):
     epsilon: float = Field(0.2, gt=0, description="ratio clip range (PPO's ε)")
+    # The iterative variant: each step's samples feed several optimizer steps, which is what
+    # the importance ratio and the clip are for (with one pass RAFT++ equals RAFT exactly).
+    minibatches: int = Field(4, ge=1, description="optimizer steps per pass over a step's samples")
 
 
 def _kept_tokens(batch: StepBatch, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +62,7 @@ def raft_loss(models: Models, batch: StepBatch, cfg: RAFTConfig, train: Training
     return loss, {**_keep_metrics(keep), "nll": loss.item()}
 
 
-@register_algorithm("raft++", source="rollouts", config=RAFTPlusPlusConfig)
+@register_algorithm("raftpp", source="rollouts", config=RAFTPlusPlusConfig)
 def raft_plus_plus_loss(models: Models, batch: StepBatch, cfg: RAFTPlusPlusConfig, train: TrainingSpec) -> tuple[torch.Tensor, dict[str, float]]:
     """RAFT++ (Xiong et al. 2025, "A Minimalist Approach to LLM Reasoning: from Rejection
     Sampling to Reinforce", arXiv:2504.11343, §2): RAFT with PPO's importance sampling and

@@ -58,8 +58,12 @@ def vllm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engine(vllm_model_dir: Path):
     import time
 
+    from rlsparsity.analysis.overlap import _numba_kernels
     from rlsparsity.platform.vllm_engine import VLLMEngine
 
+    # The analysis kernels load llvmlite in this process first, as a test run or a reused
+    # Ray worker may have: vLLM 0.32's start-up kernel scan used to crash on it.
+    assert _numba_kernels() is not None
     start = time.perf_counter()
     eng = VLLMEngine(vllm_model_dir, threads=2, seed=0, replica=0)
     print(f"vllm engine start: {time.perf_counter() - start:.1f} s")

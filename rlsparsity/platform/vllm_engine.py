@@ -463,6 +463,24 @@ def _check_cpu_head_dim(model_path: Path) -> None:
         )
 
 
+def _shield_llvmlite_from_kernel_scan() -> None:
+    """Work around a vLLM 0.32 start-up crash when numba has run in this process.
+
+    At start-up vLLM rebinds its kernels by calling `vars()` on every attribute of every
+    module in `sys.modules`. llvmlite's lazy library wrapper (`llvmlite.binding.ffi.lib`,
+    loaded once numba compiles anything, e.g. the analysis kernels) answers any unknown
+    attribute, `__dict__` included, with a function wrapper, and `vars(lib).get` then fails
+    ("'_lib_fn_wrapper' object has no attribute 'get'"). Giving it a real, empty `__dict__`
+    entry makes the scan skip it; llvmlite never looks that name up itself.
+    """
+    import sys
+
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    table = getattr(getattr(ffi, "lib", None), "_fntab", None)
+    if isinstance(table, dict):
+        table["__dict__"] = {}
+
+
 class VLLMEngine:
     """One vLLM engine (``vllm.LLM``) with the ``rls_*`` worker extension."""
 
@@ -498,6 +516,7 @@ class VLLMEngine:
         # binding would pin it to cores other processes also use.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         torch.set_num_threads(threads)
+        _shield_llvmlite_from_kernel_scan()
         from vllm import LLM
 
         kwargs: dict[str, Any] = {}

@@ -90,7 +90,8 @@ def apply_patch(model: torch.nn.Module, patch: SparsePatch) -> None:
         raise KeyError(f"weight patch names tensors the rollout model lacks: {sorted(unknown)}")
     for name, (idx, bits) in patch.tensors.items():
         flat = params[name].data.view(-1)
-        values = torch.from_numpy(bits).view(torch.bfloat16).to(flat.dtype)
+        # Patches from Ray's object store are read-only arrays; torch wants writable ones.
+        values = torch.from_numpy(np.require(bits, requirements="W")).view(torch.bfloat16).to(flat.dtype)
         if idx is None:
             if values.numel() != flat.numel():
                 raise ValueError(f"dense patch for {name!r} has {values.numel()} entries, the model {flat.numel()}")

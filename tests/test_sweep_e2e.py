@@ -107,3 +107,29 @@ def test_two_ddp_learners_train_and_record_a_mask(embedded_model_dir, ray_sessio
     assert run.info.status == "FINISHED" and run.data.params["resources.learners"] == "2"
     mask = read_mask(client.download_artifacts(run.info.run_id, "masks/final.arrow", str(tmp_path)))
     assert mask.total_changed == run.data.metrics["final/changed_bf16"]
+
+
+def test_same_seed_gives_identical_masks_with_the_hf_engine(embedded_model_dir, ray_session, tmp_path, monkeypatch):
+    """Two trials that differ only in how many test problems they evaluate train alike:
+    same samples, same updates, so the same bf16 masks bit for bit (issue 6's hf baseline)."""
+    monkeypatch.setenv("RLSPARSITY_RAY_STORAGE", str(tmp_path / "ray"))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    overrides = [
+        "name=determinism", "seed=0", "dataset=add", "algorithm=grpo", "training.steps=4",
+        "training.masks.every=2", "training.prompts_per_step=8", "training.eval_problems=[40,41]",
+        "analysis=false", f"tracking.uri={uri}",
+    ]
+    result = rlsparsity.sweep("sweeps/quickstart.yaml", overrides)
+    assert result.ok, result.failed
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("determinism")
+    trials = client.search_runs([exp.experiment_id], "tags.`rlsparsity.kind` = 'trial'")
+    assert len(trials) == 2
+    checksums, syncs = set(), set()
+    for r in trials:
+        for name in ("step_000002.arrow", "final.arrow"):
+            local = client.download_artifacts(r.info.run_id, f"masks/{name}", str(tmp_path / r.info.run_id))
+            checksums.add((name, read_mask(local).meta["checksum"]))
+        syncs.add(tuple(m.value for m in sorted(client.get_metric_history(r.info.run_id, "sync_bytes"), key=lambda m: m.step)))
+    assert len(checksums) == 2, checksums  # one per mask name, the same in both trials
+    assert len(syncs) == 1

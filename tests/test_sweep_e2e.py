@@ -133,3 +133,33 @@ def test_same_seed_gives_identical_masks_with_the_hf_engine(embedded_model_dir, 
         syncs.add(tuple(m.value for m in sorted(client.get_metric_history(r.info.run_id, "sync_bytes"), key=lambda m: m.step)))
     assert len(checksums) == 2, checksums  # one per mask name, the same in both trials
     assert len(syncs) == 1
+
+
+def test_chat_prompts_need_a_chat_template_and_run_with_one(embedded_model_dir, ray_session, tmp_path, monkeypatch):
+    """training.prompt_format=chat: refused before anything runs for a tokenizer without a chat
+    template (the embedded one); with a template, a GRPO trial trains on chat prompts."""
+    import shutil
+
+    from rlsparsity.sweeps.spec import SpecError
+
+    monkeypatch.setenv("RLSPARSITY_RAY_STORAGE", str(tmp_path / "ray"))
+    db = f"sqlite:///{tmp_path / 'chat.db'}"
+    chat = ["name=chat", "seed=0", "dataset=add", "algorithm=grpo", "training.prompt_format=chat",
+            "training.reward=last_number", "training.steps=2", "training.prompts_per_step=4",
+            "training.eval_problems=8", "analysis=false", f"tracking.uri={db}"]
+    with pytest.raises(SpecError, match="training.prompt_format: 'chat' needs a chat template"):
+        rlsparsity.sweep("sweeps/quickstart.yaml", chat)
+    assert MlflowClient(tracking_uri=db).get_experiment_by_name("chat") is None
+
+    model = tmp_path / "chat-model"
+    shutil.copytree(embedded_model_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}A:"
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    result = rlsparsity.sweep("sweeps/quickstart.yaml", [*chat, f"model={model}"])
+    assert result.ok, result.failed
+    (trial,) = result.trials
+    run = MlflowClient(tracking_uri=db).get_run(trial["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert (run.data.params["training.prompt_format"], run.data.params["training.reward"]) == ("chat", "last_number")
+    assert {"sync_diff_s", "sync_send_s"} <= set(run.data.metrics)

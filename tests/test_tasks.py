@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from rlsparsity.platform import tasks
-from rlsparsity.platform.tasks import TASKS, get_task, reward, sft_examples
+from rlsparsity.platform.tasks import REWARDS, TASKS, chat_prompts, get_task, reward, sft_examples
 
 
 def test_registry_has_arithmetic_tasks() -> None:
@@ -110,3 +110,39 @@ def test_task_spec_is_json_ready() -> None:
     for t in TASKS.values():
         json.dumps(t.spec())
         assert t.max_new_tokens >= t.max_answer_len + 1
+
+
+@pytest.mark.parametrize(
+    ("text", "answer", "expected"),
+    [
+        ("141", "141", 1.0),
+        ("47 times 3 is 141.", "141", 1.0),
+        ("2 x 7 = 14\n\nThe answer is 14", "14", 1.0),
+        ("1,062", "1062", 1.0),
+        ("141<eos>then 7", "141", 1.0),
+        ("47 times 3 is 144.", "141", 0.0),
+        ("141 or maybe 142", "141", 0.0),
+        ("the answer", "141", 0.0),
+        ("1410", "141", 0.0),
+    ],
+)
+def test_last_number_reward(text: str, answer: str, expected: float) -> None:
+    assert REWARDS["last_number"](text, answer) == expected
+    assert REWARDS["exact"] is reward
+
+
+def test_chat_prompts_use_the_tokenizer_template() -> None:
+    from rlsparsity.platform.models import build_tokenizer
+
+    tok = build_tokenizer()
+    t = get_task("add")
+    problems = [t.make(12, 345), t.make(7, 8)]
+    with pytest.raises(ValueError, match="chat template"):
+        chat_prompts(t, problems, tok)
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    chat = chat_prompts(t, problems, tok)
+    assert [p.prompt for p in chat] == [
+        "[user] What is 12 plus 345? Reply with the number only.\n[assistant] ",
+        "[user] What is 7 plus 8? Reply with the number only.\n[assistant] ",
+    ]
+    assert [(p.operands, p.answer) for p in chat] == [(p.operands, p.answer) for p in problems]

@@ -28,7 +28,7 @@ from rlsparsity.platform.mask_recorder import MaskRecorder
 from rlsparsity.platform.models import load_model, load_tokenizer
 from rlsparsity.platform.pairs import offline_pairs, rollout_pairs
 from rlsparsity.platform.rollout import RolloutPool
-from rlsparsity.platform.tasks import answer_correct, get_task, reward
+from rlsparsity.platform.tasks import REWARDS, answer_correct, chat_prompts, get_task
 from rlsparsity.platform.tracking import Tracker
 from rlsparsity.platform.weight_sync import Bf16SyncState, choose_patch
 
@@ -43,22 +43,22 @@ def tied_groups(model: torch.nn.Module) -> list[list[str]]:
     return [names for names in by_ptr.values() if len(names) > 1]
 
 
-def greedy_accuracy(pool: RolloutPool, tok, problems, max_new_tokens: int) -> dict[str, float]:
+def greedy_accuracy(pool: RolloutPool, tok, problems, max_new_tokens: int, score=REWARDS["exact"]) -> dict[str, float]:
     """Test accuracy of what the rollout engines hold (the bf16 view), greedy decoding:
     `test_accuracy` by the reward (answer, then stop), `test_answer_accuracy` by the answer alone."""
     outs = pool.generate([p.prompt for p in problems], n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
     texts = [tok.decode(o[0], skip_special_tokens=True) for o in outs]
     return {
-        "test_accuracy": float(np.mean([reward(x, p.answer) for x, p in zip(texts, problems, strict=True)])),
+        "test_accuracy": float(np.mean([score(x, p.answer) for x, p in zip(texts, problems, strict=True)])),
         "test_answer_accuracy": float(np.mean([answer_correct(x, p.answer) for x, p in zip(texts, problems, strict=True)])),
     }
 
 
-def held_out_pairs(pool: RolloutPool, tok, problems, n: int = 8) -> list:
+def held_out_pairs(pool: RolloutPool, tok, problems, max_new_tokens: int, n: int = 8, score=REWARDS["exact"]) -> list:
     """θ0's own (correct, wrong) sample pairs on test prompts where its k samples disagree:
     the pairs θ0 is unsure about, fixed for the trial."""
-    outs = pool.generate([p.prompt for p in problems], n=n, temperature=1.0, max_new_tokens=8, seed=123)
-    rewards = [[reward(tok.decode(c, skip_special_tokens=True), p.answer) for c in cs] for cs, p in zip(outs, problems, strict=True)]
+    outs = pool.generate([p.prompt for p in problems], n=n, temperature=1.0, max_new_tokens=max_new_tokens, seed=123)
+    rewards = [[score(tok.decode(c, skip_special_tokens=True), p.answer) for c in cs] for cs, p in zip(outs, problems, strict=True)]
     return rollout_pairs([tok(p.prompt)["input_ids"] for p in problems], outs, rewards, "random_negative", seed=0)
 
 
@@ -76,22 +76,27 @@ def preference_accuracy(policy: torch.nn.Module, tok, pairs: list) -> float:
     return (scores[0] > scores[1]).float().mean().item()
 
 
-def _step_problems(task, spec: TrialSpec, step: int, rank: int, world: int) -> list:
+def _formatted(problems: list, spec: TrialSpec, task, tok) -> list:
+    return chat_prompts(task, problems, tok) if spec.training.prompt_format == "chat" else problems
+
+
+def _step_problems(task, spec: TrialSpec, step: int, rank: int, world: int, tok) -> list:
     # Fresh train problems every step, seeded by (trial seed, step): the same trial draws the
     # same batches, ranks take disjoint shares, and nothing is revisited to be memorised.
     n = spec.training.prompts_per_step * world
-    return task.problems("train", n, seed=spec.seed * 1_000_003 + step)[rank::world]
+    return _formatted(task.problems("train", n, seed=spec.seed * 1_000_003 + step)[rank::world], spec, task, tok)
 
 
 def _sample(spec: TrialSpec, step: int, rank: int, world: int, pool: RolloutPool, tok, task) -> tuple[list, list, list]:
     """This rank's prompts for the step, k samples each, and their rewards."""
     t = spec.training
-    problems = _step_problems(task, spec, step, rank, world)
+    problems = _step_problems(task, spec, step, rank, world, tok)
     outs = pool.generate(
         [p.prompt for p in problems], n=t.samples_per_prompt, temperature=t.temperature,
         max_new_tokens=t.max_new_tokens, seed=spec.seed * 100_003 + step * world + rank,
     )
-    rewards = [[reward(tok.decode(c, skip_special_tokens=True), p.answer) for c in samples] for p, samples in zip(problems, outs, strict=True)]
+    score = REWARDS[t.reward]
+    rewards = [[score(tok.decode(c, skip_special_tokens=True), p.answer) for c in samples] for p, samples in zip(problems, outs, strict=True)]
     return [tok(p.prompt)["input_ids"] for p in problems], outs, rewards
 
 
@@ -109,7 +114,7 @@ def _pair_batch(spec: TrialSpec, step: int, rank: int, world: int, pool: Rollout
     metrics = {}
     if source == "offline":
         encode = lambda text, special: tok(text, add_special_tokens=special)["input_ids"]  # noqa: E731
-        pairs = offline_pairs(_step_problems(task, spec, step, rank, world), encode, tok.eos_token_id, seed=spec.seed * 1_000_003 + step)
+        pairs = offline_pairs(_step_problems(task, spec, step, rank, world, tok), encode, tok.eos_token_id, seed=spec.seed * 1_000_003 + step)
     else:
         prompt_ids, outs, rewards = _sample(spec, step, rank, world, pool, tok, task)
         pairs = rollout_pairs(prompt_ids, outs, rewards, source, seed=spec.seed * 1_000_003 + step)
@@ -126,7 +131,7 @@ def _pair_batch(spec: TrialSpec, step: int, rank: int, world: int, pool: Rollout
 
 
 def _dataset_batch(spec: TrialSpec, step: int, rank: int, world: int, tok, task) -> tuple[StepBatch, dict]:
-    examples = [task.render(p, spec.training.sft_style) for p in _step_problems(task, spec, step, rank, world)]
+    examples = [task.render(p, spec.training.sft_style) for p in _step_problems(task, spec, step, rank, world, tok)]
     prompts = [tok(prompt)["input_ids"] for prompt, _ in examples]
     completions = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, c in examples]
     return StepBatch(build_batch(prompts, completions, tok.pad_token_id)), {}
@@ -156,7 +161,11 @@ def train_loop(cfg: dict[str, Any]) -> None:
     spec: TrialSpec = cfg["spec"]
     t = spec.training
     # Ray Train logs every report at INFO; the per-step metrics already go to Tune and MLflow.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Train V2's report logger is named by its file path, outside the "ray.train" tree.
+    from ray.train.v2._internal.execution import context as train_context
+
+    for name in ("ray.train", train_context.__file__):
+        logging.getLogger(name).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg["threads"])
@@ -198,9 +207,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
         tracker = Tracker(cfg["tracking_uri"], spec.tracking.artifact_location)
         sync = Bf16SyncState(named)
         recorder = MaskRecorder(named, base=cfg["base"], tied=tied_groups(policy))
-        test = task.problems("test", t.eval_problems, seed=10_000)
-        acc_before = greedy_accuracy(pool, tok, test, t.max_new_tokens)
-        pref_pairs = held_out_pairs(pool, tok, test)
+        test = _formatted(task.problems("test", t.eval_problems, seed=10_000), spec, task, tok)
+        acc_before = greedy_accuracy(pool, tok, test, t.max_new_tokens, REWARDS[t.reward])
+        pref_pairs = held_out_pairs(pool, tok, test, t.max_new_tokens, score=REWARDS[t.reward])
         acc_before["test_preference_accuracy"] = preference_accuracy(policy, tok, pref_pairs)
         acc_before["test_preference_pairs"] = len(pref_pairs)
         tracker.log_metrics(run_id, {f"{k}_before": v for k, v in acc_before.items()}, step=0)
@@ -238,12 +247,17 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
         if rank == 0:
             r = spec.rollout.sync
+            t_diff = time.perf_counter()
             patch = choose_patch(sync.diff(named), named, r.mode, r.dense_above)
+            t_send = time.perf_counter()
             pool.sync(patch, version=step)
             sync_bytes += patch.nbytes
             dense_bytes += patch.dense_bytes
+            # diff: the learner finding the changed bf16 entries; send: object store, apply in
+            # every engine and the round trip, until all engines hold the new weights.
             metrics.update(sync_bytes=patch.nbytes, sync_dense_bytes=patch.dense_bytes,
-                           step_changed_frac_bf16=patch.changed / (patch.dense_bytes / 2))
+                           step_changed_frac_bf16=patch.changed / (patch.dense_bytes / 2),
+                           sync_diff_s=t_send - t_diff, sync_send_s=time.perf_counter() - t_send)
             if step % t.masks.every == 0 or step == t.steps:
                 name = "final.arrow" if step == t.steps else f"step_{step:06d}.arrow"
                 with tempfile.TemporaryDirectory(prefix="rlsparsity-mask-") as workdir:
@@ -263,7 +277,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             ray.train.report({"step": step, **{k: v for k, v in metrics.items() if "/" not in k}})
 
     if rank == 0:
-        acc_after = greedy_accuracy(pool, tok, test, t.max_new_tokens)
+        acc_after = greedy_accuracy(pool, tok, test, t.max_new_tokens, REWARDS[t.reward])
         acc_after["test_preference_accuracy"] = preference_accuracy(policy, tok, pref_pairs)
         summary = {f"{k}_after": v for k, v in acc_after.items()}
         if rewards:  # the sampled reward over the first and the last (up to) ten steps

@@ -14,6 +14,10 @@ Two renderings exist for every problem:
   SFT "out-of-distribution" baseline: supervised fine-tuning on text in a style the
   model was not trained on gives a dense update to compare RL's sparse one against.
 
+A third, ``chat``, is for instruction-tuned models (SmolLM2-Instruct, say): the question in
+words as one user turn of the tokenizer's chat template (`chat_prompts`), answered by the
+number alone. The base model of the embedded defaults has no chat template.
+
 Reward rule (``reward``): the completion text is cut at the first EOS marker (if the
 decoded text still contains one), surrounding whitespace is stripped, and the result
 must equal the answer exactly (1.0) or it scores 0.0. A completion that stopped without
@@ -24,12 +28,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Split = Literal["train", "test"]
 Style = Literal["native", "ood"]
+PromptFormat = Literal["native", "chat"]
 
 EOS_TEXT = "<eos>"  # must match the tokenizer's EOS token (models.EOS)
 STYLES: tuple[str, ...] = ("native", "ood")
@@ -50,6 +56,18 @@ def reward(completion_text: str, answer: str) -> float:
     """1.0 if the completion (cut at EOS, whitespace-stripped) equals ``answer``, else 0.0."""
     text = completion_text.split(EOS_TEXT, 1)[0].strip()
     return 1.0 if text == answer.strip() else 0.0
+
+
+def last_number_reward(completion_text: str, answer: str) -> float:
+    """1.0 if the last number in the completion (cut at EOS, thousands commas dropped) is the
+    answer: the usual answer extraction for chat models, which wrap the number in words
+    ("47 times 3 is 141.")."""
+    numbers = re.findall(r"-?\d+", completion_text.split(EOS_TEXT, 1)[0].replace(",", ""))
+    return 1.0 if numbers and numbers[-1] == answer.strip() else 0.0
+
+
+# `training.reward` names one of these.
+REWARDS: dict[str, Callable[[str, str], float]] = {"exact": reward, "last_number": last_number_reward}
 
 
 def answer_correct(completion_text: str, answer: str) -> float:
@@ -135,8 +153,26 @@ class Task:
             return f"Q: what is {a} {self.word} {b}?\nA:", f" {problem.answer}"
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
 
+    def question(self, problem: Problem) -> str:
+        """The problem in words, for a chat model's user turn."""
+        a, b = problem.operands
+        return f"What is {a} {self.word} {b}? Reply with the number only."
+
     def reward(self, completion_text: str, problem: Problem) -> float:
         return reward(completion_text, problem.answer)
+
+
+def chat_prompts(task: Task, problems: list[Problem], tokenizer: Any) -> list[Problem]:
+    """``problems`` with each prompt rendered as a user turn of ``tokenizer``'s chat template,
+    ending where the assistant's answer begins. Answers are unchanged."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"chat prompts need a tokenizer with a chat template; {getattr(tokenizer, 'name_or_path', '?')} has none")
+    return [
+        replace(p, prompt=tokenizer.apply_chat_template(
+            [{"role": "user", "content": task.question(p)}], add_generation_prompt=True, tokenize=False
+        ))
+        for p in problems
+    ]
 
 
 TASKS: dict[str, Task] = {}

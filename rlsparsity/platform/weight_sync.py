@@ -97,4 +97,4 @@ def apply_patch(model: torch.nn.Module, patch: SparsePatch) -> None:
                 raise ValueError(f"dense patch for {name!r} has {values.numel()} entries, the model {flat.numel()}")
             flat.copy_(values)
         else:
-            flat[torch.from_numpy(idx).long()] = values
+            flat[torch.from_numpy(idx.astype(np.int64))] = values  # a copy: idx may be read-only

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from rlsparsity.platform.algorithms import get_algorithm
 from rlsparsity.platform.cluster import init_ray
-from rlsparsity.platform.models import model_content_hash, resolve_model
+from rlsparsity.platform.models import load_tokenizer, model_content_hash, resolve_model
 from rlsparsity.platform.tracking import Tracker, git_commit
 from rlsparsity.sweeps.spec import SpecError, SweepSpec, apply_overrides
 from rlsparsity.sweeps.trial import run_trial
@@ -69,6 +69,8 @@ def sweep(
     first = spec.trials()[0]
 
     model_path = resolve_model(first.model)
+    if any(t.training.prompt_format == "chat" for t in spec.trials()) and not load_tokenizer(model_path).chat_template:
+        raise SpecError(f"invalid sweep spec:\n  training.prompt_format: 'chat' needs a chat template, and {first.model}'s tokenizer has none; use 'native'")
     base = {"id": first.model, "hash": model_content_hash(model_path)}
     tracker = Tracker(first.tracking.uri, first.tracking.artifact_location)
     init_ray()

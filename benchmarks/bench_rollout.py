@@ -147,7 +147,7 @@ def sync_runs(models: list[str], tracking_uri: str) -> list[dict[str, Any]]:
             result = rlsparsity.sweep(spec)
             if not result.ok:
                 raise RuntimeError(f"{name} lr={lr} {mode}: {result.failed}")
-            row = {"model": name, "lr": lr, "mode": mode, "trial_wall_s": time.perf_counter() - t0,
+            row = {"model": name, "lr": lr, "mode": mode, "sweep_wall_s": time.perf_counter() - t0,
                    **per_step(tracking_uri, result.trials[0]["mlflow_run_id"])}
             print(f"  {name:9s} lr={lr:.0e} {mode:6s} sent {100 * row['sent_frac']:6.2f} % of dense, "
                   f"changed/step {100 * row['changed_frac_mean']:.4f} %, send {row['send_s_median'] * 1e3:.1f} ms", flush=True)
@@ -190,7 +190,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append("")
     if res.get("sync"):
         lines += [
-            "| model | lr | mode | steps | dense MB | sent / dense (all steps) | max step | bf16 changed per step, mean (max) | diff ms (median) | send ms (median) | send vs dense |",
+            "| model | lr | mode | steps | dense MB per step | sent / dense (all steps) | max step | bf16 changed per step, mean (max) | diff ms (median) | send ms (median) | send vs dense |",
             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         dense = {r["model"]: r for r in res["sync"] if r["mode"] == "dense"}

@@ -71,3 +71,51 @@ def test_killed_actor_is_restarted_and_resynced(embedded_model_dir: Path, ray_se
     assert pool.restarts == 2 and ray.get(actor.get_version.remote()) == 2
     assert _engine_matches(actor, named)
     ray.kill(actor)
+
+
+@pytest.mark.slow
+def test_trial_goes_on_after_its_rollout_actor_is_killed(embedded_model_dir: Path, ray_session, tmp_path: Path, monkeypatch) -> None:
+    """Mid-trial, the rollout actor's process is killed for real (SIGKILL, found by its Ray
+    process title); Ray restarts it, the learner resyncs it in full, the trial finishes."""
+    import threading
+
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    import rlsparsity
+
+    monkeypatch.setenv("RLSPARSITY_RAY_STORAGE", str(tmp_path / "ray"))
+    db = f"sqlite:///{tmp_path / 'restart.db'}"
+    client = MlflowClient(tracking_uri=db)
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill_after_some_steps() -> None:
+        while not done.wait(0.2):
+            exp = client.get_experiment_by_name("restart")
+            runs = client.search_runs([exp.experiment_id], "tags.`rlsparsity.kind` = 'trial'") if exp else []
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "sync_bytes")) >= 5:
+                for proc in psutil.process_iter(["cmdline"]):
+                    if (proc.info["cmdline"] or [""])[0].startswith("ray::RolloutActor"):
+                        proc.kill()
+                        killed.append(proc.pid)
+                return
+
+    killer = threading.Thread(target=kill_after_some_steps, daemon=True)
+    killer.start()
+    try:
+        result = rlsparsity.sweep("sweeps/quickstart.yaml", [
+            "name=restart", "seed=0", "dataset=add", "algorithm=grpo", "training.steps=60",
+            "training.prompts_per_step=4", "training.masks.every=60", "training.eval_problems=16",
+            "analysis=false", f"tracking.uri={db}",
+        ])
+    finally:
+        done.set()
+        killer.join()
+    assert len(killed) == 1, f"expected to kill one rollout actor mid-trial, killed {killed}"
+    assert result.ok, result.failed
+    run = client.get_run(result.trials[0]["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    restarts = sorted(client.get_metric_history(run.info.run_id, "rollout_restarts"), key=lambda m: m.step)
+    assert restarts[-1].value == 1 and restarts[-1].step == 60
+    assert 5 <= min(m.step for m in restarts if m.value == 1) < 60  # noticed mid-trial, then trained on

@@ -79,6 +79,7 @@ Processes
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable
@@ -350,7 +351,18 @@ class SparsePatchExtension:
             for n in todo:
                 yield n, self._rls_bits[n].view(torch.bfloat16).to(dtype)
 
-        self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
+        # A partial reload by design: vLLM warns for every module that got no weights ("Failed
+        # to load weights", "not loaded from checkpoint") and keeps its kernel tensors, which
+        # is what we want (tests/test_vllm.py reads every tensor back after such patches).
+        quiet = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{m}") for m in ("layerwise", "inplace")]
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        try:
+            self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
+        finally:
+            for q, level in zip(quiet, levels, strict=True):
+                q.setLevel(level)
         self._rls_refresh_tied(touched)
 
     def _rls_refresh_tied(self, touched: set[str]) -> None:

@@ -121,11 +121,12 @@ def print_report(
             console.print(groups_table(result, "layer"))
     s = result.stats
     if s:
-        rate = s.get("bytes_per_s", 0) / 1e9
+        from rich.filesize import decimal
+
         console.print(
             f"[dim]{s.get('pairs_computed', 0)} pairs computed, {s.get('pairs_cached', 0)} from cache; "
-            f"{s.get('bytes_read', 0) / 1e9:.3f} GB of masks read in {s.get('seconds', 0):.2f} s "
-            f"({rate:.2f} GB/s) by {s.get('tasks', 0)} tasks on {s.get('workers', 0)} workers[/dim]"
+            f"{decimal(int(s.get('bytes_read', 0)))} of masks read in {s.get('seconds', 0):.2f} s "
+            f"({decimal(int(s.get('bytes_per_s', 0)))}/s) by {s.get('tasks', 0)} tasks on {s.get('workers', 0)} workers[/dim]"
         )
 
 

@@ -214,7 +214,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
         acc_before["test_preference_pairs"] = len(pref_pairs)
         tracker.log_metrics(run_id, {f"{k}_before": v for k, v in acc_before.items()}, step=0)
         sync_bytes = dense_bytes = 0
-        rewards: list[float] = []  # sampled reward per step, for the first-vs-last summary
+        # Per step, for the first-vs-last summary: the sampled reward (online sources) and
+        # the loss (every algorithm; SFT's own objective).
+        curves: dict[str, list[float]] = {"reward": [], "loss": []}
 
     for step in range(1, t.steps + 1):
         t0 = time.perf_counter()
@@ -267,8 +269,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
             metrics["rollout_restarts"] = pool.restarts
             metrics["step_time_s"] = time.perf_counter() - t0
             tracker.log_metrics(run_id, metrics, step=step)
-            if "reward" in metrics:
-                rewards.append(metrics["reward"])
+            for key, curve in curves.items():
+                if key in metrics:
+                    curve.append(metrics[key])
         if world > 1:
             dist.barrier()  # nobody samples from the engines before rank 0 has synced them
         if step % REPORT_EVERY == 0 or step == t.steps:
@@ -280,9 +283,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
         acc_after = greedy_accuracy(pool, tok, test, t.max_new_tokens, REWARDS[t.reward])
         acc_after["test_preference_accuracy"] = preference_accuracy(policy, tok, pref_pairs)
         summary = {f"{k}_after": v for k, v in acc_after.items()}
-        if rewards:  # the sampled reward over the first and the last (up to) ten steps
-            w = max(1, min(10, len(rewards) // 4))
-            summary.update(train_reward_first=float(np.mean(rewards[:w])), train_reward_last=float(np.mean(rewards[-w:])))
+        for key, curve in curves.items():
+            if curve:  # the mean over the first and the last (up to) ten steps
+                w = max(1, min(10, len(curve) // 4))
+                summary.update({f"train_{key}_first": float(np.mean(curve[:w])), f"train_{key}_last": float(np.mean(curve[-w:]))})
         tracker.log_metrics(run_id, {
             **summary, "sync_bytes_total": sync_bytes, "sync_dense_bytes_total": dense_bytes,
             **stats.metrics("final/"),

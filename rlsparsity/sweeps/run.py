@@ -163,7 +163,7 @@ def print_summary(result: SweepResult, console: Console) -> None:
     table = Table(title=f"sweep {result.experiment}: one row per trial (bf16 view vs θ0)")
     # Preference accuracy is what preference algorithms train; show it when the grid has one.
     pref = any(get_algorithm(t["algorithm"]).source == "pairs" for t in result.trials)
-    cols = ["seed", "dataset", "algorithm", "reward first → last", "test acc θ0 → final", "answer acc θ0 → final"]
+    cols = ["seed", "dataset", "algorithm", "reward first → last", "loss first → last", "test acc θ0 → final", "answer acc θ0 → final"]
     cols += ["pref acc θ0 → final"] if pref else []
     for col in [*cols, "bf16 sparsity", "fp32 changed", "sync bytes / dense"]:
         table.add_column(col, justify="right" if col != "algorithm" else "left")
@@ -171,7 +171,7 @@ def print_summary(result: SweepResult, console: Console) -> None:
         sent, dense = t.get("sync_bytes_total", 0), t.get("sync_dense_bytes_total", 0)
         table.add_row(
             str(t["seed"]), t["dataset"], t["algorithm"],
-            f"{t['train_reward_first']:.3f} → {t['train_reward_last']:.3f}" if "train_reward_first" in t else "—",
+            *(f"{t[f'train_{k}_first']:.3f} → {t[f'train_{k}_last']:.3f}" if f"train_{k}_first" in t else "—" for k in ("reward", "loss")),
             _before_after(t, "test_accuracy"),
             _before_after(t, "test_answer_accuracy"),
             *([_before_after(t, "test_preference_accuracy")] if pref else []),

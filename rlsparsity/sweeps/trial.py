@@ -32,6 +32,8 @@ SUMMARY_KEYS = (
     "test_preference_accuracy_after",
     "train_reward_first",
     "train_reward_last",
+    "train_loss_first",
+    "train_loss_last",
     "final/sparsity_bf16",
     "final/master_changed_frac",
     "sync_bytes_total",

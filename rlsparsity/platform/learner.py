@@ -43,7 +43,7 @@ def tied_groups(model: torch.nn.Module) -> list[list[str]]:
     return [names for names in by_ptr.values() if len(names) > 1]
 
 
-def greedy_accuracy(pool: RolloutPool, tok, problems, max_new_tokens: int, score=REWARDS["exact"]) -> dict[str, float]:
+def greedy_accuracy(pool: RolloutPool, tok, problems, max_new_tokens: int, score) -> dict[str, float]:
     """Test accuracy of what the rollout engines hold (the bf16 view), greedy decoding:
     `test_accuracy` by the reward (answer, then stop), `test_answer_accuracy` by the answer alone."""
     outs = pool.generate([p.prompt for p in problems], n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
@@ -54,7 +54,7 @@ def greedy_accuracy(pool: RolloutPool, tok, problems, max_new_tokens: int, score
     }
 
 
-def held_out_pairs(pool: RolloutPool, tok, problems, max_new_tokens: int, n: int = 8, score=REWARDS["exact"]) -> list:
+def held_out_pairs(pool: RolloutPool, tok, problems, max_new_tokens: int, score, n: int = 8) -> list:
     """θ0's own (correct, wrong) sample pairs on test prompts where its k samples disagree:
     the pairs θ0 is unsure about, fixed for the trial."""
     outs = pool.generate([p.prompt for p in problems], n=n, temperature=1.0, max_new_tokens=max_new_tokens, seed=123)
@@ -209,7 +209,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
         recorder = MaskRecorder(named, base=cfg["base"], tied=tied_groups(policy))
         test = _formatted(task.problems("test", t.eval_problems, seed=10_000), spec, task, tok)
         acc_before = greedy_accuracy(pool, tok, test, t.max_new_tokens, REWARDS[t.reward])
-        pref_pairs = held_out_pairs(pool, tok, test, t.max_new_tokens, score=REWARDS[t.reward])
+        pref_pairs = held_out_pairs(pool, tok, test, t.max_new_tokens, REWARDS[t.reward])
         acc_before["test_preference_accuracy"] = preference_accuracy(policy, tok, pref_pairs)
         acc_before["test_preference_pairs"] = len(pref_pairs)
         tracker.log_metrics(run_id, {f"{k}_before": v for k, v in acc_before.items()}, step=0)

@@ -35,7 +35,6 @@ from typing import Any, Literal
 
 Split = Literal["train", "test"]
 Style = Literal["native", "ood"]
-PromptFormat = Literal["native", "chat"]
 
 EOS_TEXT = "<eos>"  # must match the tokenizer's EOS token (models.EOS)
 STYLES: tuple[str, ...] = ("native", "ood")

@@ -129,7 +129,7 @@ def sweep(
             point = r.config["point"]
             label = spec.trial(point).label
             metrics = r.metrics or {}
-            if r.error or not metrics.get("done"):
+            if r.error or not metrics.get("trial_complete"):
                 result.failed.append(f"{label}: {r.error}")
             else:
                 result.trials.append({"label": label, **spec.trial(point).model_dump(include={"seed", "dataset", "algorithm"}), **metrics})

@@ -120,7 +120,6 @@ def run_trial(point: dict[str, Any], ctx: dict[str, Any]) -> None:
         trainer.fit()
         run = tracker.client.get_run(run_id)
         summary = {k: run.data.metrics[k] for k in SUMMARY_KEYS if k in run.data.metrics}
-        ray.tune.report({"done": 1, "mlflow_run_id": run_id, **summary})
         ok = True
     finally:
         tracker.finish(run_id, ok)
@@ -128,3 +127,7 @@ def run_trial(point: dict[str, Any], ctx: dict[str, Any]) -> None:
             ray.kill(a)
         if pg is not None:
             remove_placement_group(pg)
+    # The final report comes after the clean-up, and nothing follows it: Tune may stop the
+    # trial's actor as soon as it holds a result (e.g. a stopper, or its reserved `done` key),
+    # which raced the MLflow run's FINISHED status and the placement group's removal.
+    ray.tune.report({"trial_complete": 1, "mlflow_run_id": run_id, **summary})

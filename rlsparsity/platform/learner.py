@@ -43,7 +43,7 @@ def tied_groups(model: torch.nn.Module) -> list[list[str]]:
     return [names for names in by_ptr.values() if len(names) > 1]
 
 
-def greedy_accuracy(pool: RolloutPool, tok, problems, max_new_tokens: int, score) -> dict[str, float]:
+def served_accuracy(pool: RolloutPool, tok, problems, max_new_tokens: int, score) -> dict[str, float]:
     """Test accuracy of what the rollout engines hold (the bf16 view), greedy decoding:
     `test_accuracy` by the reward (answer, then stop), `test_answer_accuracy` by the answer alone."""
     outs = pool.generate([p.prompt for p in problems], n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
@@ -208,7 +208,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
         sync = Bf16SyncState(named)
         recorder = MaskRecorder(named, base=cfg["base"], tied=tied_groups(policy))
         test = _formatted(task.problems("test", t.eval_problems, seed=10_000), spec, task, tok)
-        acc_before = greedy_accuracy(pool, tok, test, t.max_new_tokens, REWARDS[t.reward])
+        acc_before = served_accuracy(pool, tok, test, t.max_new_tokens, REWARDS[t.reward])
         pref_pairs = held_out_pairs(pool, tok, test, t.max_new_tokens, REWARDS[t.reward])
         acc_before["test_preference_accuracy"] = preference_accuracy(policy, tok, pref_pairs)
         acc_before["test_preference_pairs"] = len(pref_pairs)
@@ -280,7 +280,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             ray.train.report({"step": step, **{k: v for k, v in metrics.items() if "/" not in k}})
 
     if rank == 0:
-        acc_after = greedy_accuracy(pool, tok, test, t.max_new_tokens, REWARDS[t.reward])
+        acc_after = served_accuracy(pool, tok, test, t.max_new_tokens, REWARDS[t.reward])
         acc_after["test_preference_accuracy"] = preference_accuracy(policy, tok, pref_pairs)
         summary = {f"{k}_after": v for k, v in acc_after.items()}
         for key, curve in curves.items():

@@ -30,6 +30,10 @@ def test_sweep_logs_trials_masks_and_analysis_to_mlflow_server(embedded_model_di
     monkeypatch.setenv("RLSPARSITY_RAY_STORAGE", str(tmp_path / "ray"))
     result = rlsparsity.sweep("sweeps/quickstart.yaml", [*SMALL, f"tracking.uri={mlflow_server}"])
     assert result.ok, result.failed
+    # Each trial removed its rollout placement group before its final report.
+    rollout_pgs = [pg for pg in ray_session.util.placement_group_table().values() if pg["name"].startswith("rollout-")]
+    assert {r["mlflow_run_id"] for r in result.trials} <= {pg["name"].removeprefix("rollout-") for pg in rollout_pgs}
+    assert all(pg["state"] == "REMOVED" for pg in rollout_pgs), rollout_pgs
 
     client = MlflowClient(tracking_uri=mlflow_server)
     exp = client.get_experiment_by_name("e2e")
@@ -77,6 +81,16 @@ def test_sweep_logs_trials_masks_and_analysis_to_mlflow_server(embedded_model_di
     assert analysis.data.tags["rlsparsity.sweep_run_id"] == sweep_run.info.run_id
     art = {a.path for a in client.list_artifacts(analysis.info.run_id, "overlap")}
     assert {"overlap/pairs.arrow", "overlap/heatmap.png"} <= art
+
+
+def test_the_final_trial_result_uses_no_key_tune_reserves():
+    """Tune stops a trial on a result whose `done` is set, and owns its other auto-filled keys."""
+    from ray.tune import result as tune_result
+
+    from rlsparsity.sweeps.trial import COMPLETE_KEY, SUMMARY_KEYS
+
+    reserved = {*tune_result.AUTO_RESULT_KEYS, tune_result.DONE, tune_result.SHOULD_CHECKPOINT, tune_result.RESULT_DUPLICATE}
+    assert not reserved & {COMPLETE_KEY, "mlflow_run_id", *SUMMARY_KEYS}
 
 
 def test_bad_spec_exits_nonzero_and_records_no_run(tmp_path, capsys):

@@ -24,7 +24,7 @@ from rlsparsity.platform.cluster import init_ray
 from rlsparsity.platform.models import load_tokenizer, model_content_hash, resolve_model
 from rlsparsity.platform.tracking import Tracker, git_commit
 from rlsparsity.sweeps.spec import SpecError, SweepSpec, apply_overrides
-from rlsparsity.sweeps.trial import run_trial
+from rlsparsity.sweeps.trial import COMPLETE_KEY, run_trial
 
 # One sweep = one experiment and one θ0: these fields cannot be grid axes.
 SWEEP_WIDE = ("name", "model", "tracking.uri", "tracking.artifact_location", "analysis")
@@ -129,7 +129,7 @@ def sweep(
             point = r.config["point"]
             label = spec.trial(point).label
             metrics = r.metrics or {}
-            if r.error or not metrics.get("trial_complete"):
+            if r.error or not metrics.get(COMPLETE_KEY):
                 result.failed.append(f"{label}: {r.error}")
             else:
                 result.trials.append({"label": label, **spec.trial(point).model_dump(include={"seed", "dataset", "algorithm"}), **metrics})

@@ -23,6 +23,8 @@ from rlsparsity.platform.learner import train_loop
 from rlsparsity.platform.rollout import RolloutActor
 from rlsparsity.platform.tracking import Tracker
 
+# The trial's last Tune result carries this key; a trial without it did not complete.
+COMPLETE_KEY = "trial_complete"
 SUMMARY_KEYS = (
     "test_accuracy_before",
     "test_accuracy_after",
@@ -81,7 +83,7 @@ def run_trial(point: dict[str, Any], ctx: dict[str, Any]) -> None:
     ok = False
     try:
         r = spec.rollout
-        pg = placement_group([{"CPU": r.cpus}] * r.replicas, strategy="PACK")
+        pg = placement_group([{"CPU": r.cpus}] * r.replicas, strategy="PACK", name=f"rollout-{run_id}")
         ray.get(pg.ready())
         actors += [
             RolloutActor.options(
@@ -130,4 +132,4 @@ def run_trial(point: dict[str, Any], ctx: dict[str, Any]) -> None:
     # The final report comes after the clean-up, and nothing follows it: Tune may stop the
     # trial's actor as soon as it holds a result (e.g. a stopper, or its reserved `done` key),
     # which raced the MLflow run's FINISHED status and the placement group's removal.
-    ray.tune.report({"trial_complete": 1, "mlflow_run_id": run_id, **summary})
+    ray.tune.report({COMPLETE_KEY: 1, "mlflow_run_id": run_id, **summary})

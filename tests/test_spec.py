@@ -67,3 +67,21 @@ def test_quickstart_spec_is_the_default_grid():
     assert {t.seed for t in trials} == {0, 1}
     assert {t.dataset for t in trials} == {"add", "mul"}
     assert {t.algorithm for t in trials} == {"grpo", "sft"}
+
+
+def test_data_seed_separates_the_training_problems_from_the_seed():
+    from rlsparsity.platform.learner import _step_problems
+    from rlsparsity.platform.tasks import get_task
+
+    spec = SweepSpec({"seed": [0, 1], "data_seed": [None, 0, 1]})
+    by_key = {(t.seed, t.data_seed): t for t in spec.trials()}
+    assert len({t.label for t in by_key.values()}) == 6  # distinct labels, MLflow run names
+    assert by_key[(0, None)].label == "grpo/add/s0" and by_key[(1, 0)].label == "grpo/add/s1/d0"
+    task = get_task("add")
+
+    def problems(seed, data_seed, step=3):
+        return [(p.prompt, p.answer) for p in _step_problems(task, by_key[(seed, data_seed)], step, 0, 1, None)]
+
+    # Without data_seed the seed picks the data; with it, only data_seed does.
+    assert problems(0, None) == problems(0, 0) == problems(1, 0) != problems(1, None) == problems(0, 1)
+    assert problems(0, 0, step=4) != problems(0, 0)

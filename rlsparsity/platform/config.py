@@ -98,6 +98,10 @@ class TrialSpec(_Strict):
     # of every algorithm on its grid; each trial validates and uses its own entry.
     algorithm_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seed: int = 0
+    data_seed: int | None = Field(
+        None, description="seeds which training problems (and offline pairs) the trial draws; default: seed. "
+        "Vary it apart from seed, which keeps the learner's init and the sampling, to separate data from the rest"
+    )
     training: TrainingSpec = TrainingSpec()
     rollout: RolloutSpec = RolloutSpec()
     resources: ResourcesSpec = ResourcesSpec()
@@ -145,7 +149,12 @@ class TrialSpec(_Strict):
 
     @property
     def label(self) -> str:
-        return f"{self.algorithm}/{self.dataset}/s{self.seed}"
+        return f"{self.algorithm}/{self.dataset}/s{self.seed}" + ("" if self.data_seed is None else f"/d{self.data_seed}")
+
+    @property
+    def problem_seed(self) -> int:
+        """The seed of the trial's training problems: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def cpus(self) -> float:
         return self.rollout.replicas * self.rollout.cpus + self.resources.learners * self.resources.cpus_per_learner

@@ -81,10 +81,10 @@ def _formatted(problems: list, spec: TrialSpec, task, tok) -> list:
 
 
 def _step_problems(task, spec: TrialSpec, step: int, rank: int, world: int, tok) -> list:
-    # Fresh train problems every step, seeded by (trial seed, step): the same trial draws the
+    # Fresh train problems every step, seeded by (data seed, step): the same trial draws the
     # same batches, ranks take disjoint shares, and nothing is revisited to be memorised.
     n = spec.training.prompts_per_step * world
-    return _formatted(task.problems("train", n, seed=spec.seed * 1_000_003 + step)[rank::world], spec, task, tok)
+    return _formatted(task.problems("train", n, seed=spec.problem_seed * 1_000_003 + step)[rank::world], spec, task, tok)
 
 
 def _sample(spec: TrialSpec, step: int, rank: int, world: int, pool: RolloutPool, tok, task) -> tuple[list, list, list]:
@@ -114,7 +114,7 @@ def _pair_batch(spec: TrialSpec, step: int, rank: int, world: int, pool: Rollout
     metrics = {}
     if source == "offline":
         encode = lambda text, special: tok(text, add_special_tokens=special)["input_ids"]  # noqa: E731
-        pairs = offline_pairs(_step_problems(task, spec, step, rank, world, tok), encode, tok.eos_token_id, seed=spec.seed * 1_000_003 + step)
+        pairs = offline_pairs(_step_problems(task, spec, step, rank, world, tok), encode, tok.eos_token_id, seed=spec.problem_seed * 1_000_003 + step)
     else:
         prompt_ids, outs, rewards = _sample(spec, step, rank, world, pool, tok, task)
         pairs = rollout_pairs(prompt_ids, outs, rewards, source, seed=spec.seed * 1_000_003 + step)

@@ -47,6 +47,7 @@ SUMMARY_KEYS = (
 def trial_tags(spec: TrialSpec, ctx: dict[str, Any]) -> dict[str, Any]:
     return {
         "seed": spec.seed,
+        "data_seed": spec.problem_seed,
         "dataset": spec.dataset,
         "algorithm": spec.algorithm,
         "model": spec.model,

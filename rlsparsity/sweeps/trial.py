@@ -125,11 +125,13 @@ def run_trial(point: dict[str, Any], ctx: dict[str, Any]) -> None:
         summary = {k: run.data.metrics[k] for k in SUMMARY_KEYS if k in run.data.metrics}
         ok = True
     finally:
-        tracker.finish(run_id, ok)
-        for a in actors:
-            ray.kill(a)
-        if pg is not None:
-            remove_placement_group(pg)
+        try:  # the CPUs go back even if the tracking server is unreachable
+            for a in actors:
+                ray.kill(a)
+            if pg is not None:
+                remove_placement_group(pg)
+        finally:
+            tracker.finish(run_id, ok)
     # The final report comes after the clean-up, and nothing follows it: Tune may stop the
     # trial's actor as soon as it holds a result (e.g. a stopper, or its reserved `done` key),
     # which raced the MLflow run's FINISHED status and the placement group's removal.

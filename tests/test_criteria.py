@@ -294,3 +294,31 @@ def test_numba_backend_scope(monkeypatch: pytest.MonkeyPatch) -> None:
     compare(ra, rb, ALL, masks=[1], dtypes=("bfloat16", "bfloat16"))
     compare(a.float(), b.float(), ALL)
     assert not calls
+
+
+def test_numba_kernels_are_compiled_once_or_fall_back(monkeypatch):
+    """`numba_jit.compiled`: the kernels once per process; None when RLSPARSITY_NUMBA=0, when
+    numba is missing (silently), or when compiling fails (with one warning)."""
+    from rlsparsity.analysis import numba_jit
+
+    monkeypatch.setattr(numba_jit, "_COMPILED", {})
+    calls = []
+
+    def build():
+        calls.append(1)
+        return "kernels"
+
+    assert numba_jit.compiled("t", build) == numba_jit.compiled("t", build) == "kernels" and len(calls) == 1
+
+    def missing():
+        raise ImportError("no numba")
+
+    def broken():
+        raise RuntimeError("LLVM says no")
+
+    assert numba_jit.compiled("missing", missing) is None and numba_jit.known_unavailable("missing")
+    with pytest.warns(UserWarning, match="numba broken kernel unavailable .LLVM says no"):
+        assert numba_jit.compiled("broken", broken) is None
+    assert numba_jit.compiled("broken", broken) is None  # not retried, not warned again
+    monkeypatch.setenv("RLSPARSITY_NUMBA", "0")
+    assert numba_jit.compiled("off", build) is None and len(calls) == 1 and numba_jit.known_unavailable("t")

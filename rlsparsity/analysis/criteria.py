@@ -46,7 +46,6 @@ float16 cast is about 10x slower here); tensors on other devices use the torch v
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 import threading
@@ -484,47 +483,33 @@ def _bf16_counts(a, b, thr_abs, thr_rel, counts):  # pragma: no cover - compiled
             counts[1 + n_abs + k] += c
 
 
-_NUMBA: Any = None  # None: not tried yet; False: unavailable; else the compiled kernel
-_numba_lock = threading.Lock()
+def _build_numba_kernel() -> Any:
+    global _u16_to_f32
+    from numba import types
+    from numba.extending import intrinsic
+
+    from rlsparsity.analysis.numba_jit import njit
+
+    @intrinsic
+    def u16_to_f32(typingctx, x):  # noqa: ARG001
+        def codegen(context, builder, signature, args):  # noqa: ARG001
+            wide = builder.shl(builder.zext(args[0], context.get_value_type(types.uint32)), context.get_constant(types.uint32, 16))
+            return builder.bitcast(wide, context.get_value_type(types.float32))
+
+        return types.float32(types.uint16), codegen
+
+    _u16_to_f32 = u16_to_f32
+    kern = njit(_bf16_counts)
+    z16 = np.zeros(2, dtype=np.uint16)
+    kern(z16, z16, np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros(3, np.int64))
+    return kern
 
 
 def _numba_kernel() -> Any:
     """The compiled :func:`_bf16_counts`, or None (numba missing, disabled, or failing)."""
-    global _NUMBA, _u16_to_f32
-    if _NUMBA is not None:
-        return _NUMBA or None
-    with _numba_lock:  # the diff's worker threads may all ask at once
-        if _NUMBA is not None:
-            return _NUMBA or None
-        if os.environ.get("RLSPARSITY_NUMBA", "1").strip().lower() in ("0", "false", "no", "off"):
-            _NUMBA = False
-            return None
-        try:
-            from numba import types
-            from numba.extending import intrinsic
+    from rlsparsity.analysis.numba_jit import compiled
 
-            from rlsparsity.analysis.numba_jit import njit
-
-            @intrinsic
-            def u16_to_f32(typingctx, x):  # noqa: ARG001
-                def codegen(context, builder, signature, args):  # noqa: ARG001
-                    wide = builder.shl(builder.zext(args[0], context.get_value_type(types.uint32)), context.get_constant(types.uint32, 16))
-                    return builder.bitcast(wide, context.get_value_type(types.float32))
-
-                return types.float32(types.uint16), codegen
-
-            _u16_to_f32 = u16_to_f32
-            kern = njit(_bf16_counts)
-            z16 = np.zeros(2, dtype=np.uint16)
-            kern(z16, z16, np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros(3, np.int64))
-            _NUMBA = kern
-        except Exception as e:  # ImportError, or an LLVM/numba failure: numpy it is
-            if not isinstance(e, ImportError):
-                import warnings
-
-                warnings.warn(f"numba diff kernel unavailable ({e}); using numpy", stacklevel=2)
-            _NUMBA = False
-    return _NUMBA or None
+    return compiled("bf16 diff", _build_numba_kernel)
 
 
 def numba_available() -> bool:

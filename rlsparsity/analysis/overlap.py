@@ -567,7 +567,7 @@ def row_popcounts(
 # (numba is imported only then), with the on-disk cache when a cache directory is writable.
 # Ray supplies the parallelism, so each kernel is single-threaded (parallel=False).
 _STRETCH = 512  # words per stretch: 8 rows x 4 KiB stay in L1 while a 4x4 tile runs over them
-_popc64: Any = None  # llvm.ctpop.i64, set by _numba_kernels before compiling
+_popc64: Any = None  # llvm.ctpop.i64, set by _build_numba_kernels before compiling
 
 
 def _tile_counts(B, n_new, seg, wend, full):  # pragma: no cover - compiled by numba
@@ -652,45 +652,34 @@ def _row_counts(B, r0, seg, wend, out):  # pragma: no cover - compiled by numba
             out[s, r - r0] = c
 
 
-_OFF = ("0", "false", "no", "off")
-_NUMBA: Any = None  # None: not tried yet; False: unavailable; else (tile_counts, row_counts)
+def _build_numba_kernels() -> tuple[Any, Any]:
+    global _popc64
+    from numba import types
+    from numba.extending import intrinsic
+
+    from rlsparsity.analysis.numba_jit import njit
+
+    @intrinsic
+    def popc64(typingctx, x):  # noqa: ARG001
+        def codegen(context, builder, signature, args):  # noqa: ARG001
+            return builder.ctpop(args[0])
+
+        return types.uint64(types.uint64), codegen
+
+    _popc64 = popc64
+    kerns = tuple(njit(f) for f in (_tile_counts, _row_counts))
+    X = np.zeros((4, 8), dtype=np.uint64)
+    seg = np.zeros(1, dtype=np.int64)
+    kerns[0](X, 1, seg, 8, np.zeros((1, 4, 4), dtype=np.uint64))
+    kerns[1](X, 1, seg, 8, np.zeros((1, 3), dtype=np.uint64))
+    return kerns
 
 
 def _numba_kernels() -> tuple[Any, Any] | None:
-    """The compiled kernels, or None (numba missing, disabled, or failing to compile)."""
-    global _NUMBA, _popc64
-    if _NUMBA is None:
-        _NUMBA = False
-        if os.environ.get("RLSPARSITY_NUMBA", "1").strip().lower() in _OFF:
-            return None
-        try:
-            from numba import types
-            from numba.extending import intrinsic
+    """The compiled (tile_counts, row_counts), or None (numba missing, disabled, or failing to compile)."""
+    from rlsparsity.analysis.numba_jit import compiled
 
-            from rlsparsity.analysis.numba_jit import njit
-
-            @intrinsic
-            def popc64(typingctx, x):  # noqa: ARG001
-                def codegen(context, builder, signature, args):  # noqa: ARG001
-                    return builder.ctpop(args[0])
-
-                return types.uint64(types.uint64), codegen
-
-            _popc64 = popc64
-            kerns = tuple(njit(f) for f in (_tile_counts, _row_counts))
-            # Compile (or load from the cache) now, so a failure falls back here, once.
-            X = np.zeros((4, 8), dtype=np.uint64)
-            seg = np.zeros(1, dtype=np.int64)
-            kerns[0](X, 1, seg, 8, np.zeros((1, 4, 4), dtype=np.uint64))
-            kerns[1](X, 1, seg, 8, np.zeros((1, 3), dtype=np.uint64))
-            _NUMBA = kerns
-        except Exception as e:  # ImportError, or an LLVM/numba failure: numpy it is
-            import warnings
-
-            if not isinstance(e, ImportError):
-                warnings.warn(f"numba overlap kernel unavailable ({e}); using numpy", stacklevel=2)
-            _NUMBA = False
-    return _NUMBA or None
+    return compiled("overlap", _build_numba_kernels)
 
 
 def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
@@ -858,7 +847,9 @@ def _pair_rate() -> float:
     """Planning rate of the kernel the tasks will run, without importing numba here."""
     import importlib.util
 
-    if _NUMBA is False or os.environ.get("RLSPARSITY_NUMBA", "1").strip().lower() in _OFF:
+    from rlsparsity.analysis.numba_jit import known_unavailable
+
+    if known_unavailable("overlap"):
         return PAIR_WORDS_PER_S
     return PAIR_WORDS_PER_S_NUMBA if importlib.util.find_spec("numba") else PAIR_WORDS_PER_S
 

@@ -85,3 +85,21 @@ def test_data_seed_separates_the_training_problems_from_the_seed():
     # Without data_seed the seed picks the data; with it, only data_seed does.
     assert problems(0, None) == problems(0, 0) == problems(1, 0) != problems(1, None) == problems(0, 1)
     assert problems(0, 0, step=4) != problems(0, 0)
+
+
+def test_the_summary_shows_data_seed_only_when_a_trial_sets_it():
+    from rich.console import Console
+
+    from rlsparsity.sweeps.run import SweepResult, print_summary
+
+    def table(trials):
+        console = Console(record=True, width=250)
+        print_summary(SweepResult("s", "r", "u", trials=trials), console)
+        return console.export_text()
+
+    row = {"dataset": "add", "algorithm": "grpo", "test_accuracy_before": 0.5, "test_accuracy_after": 0.6}
+    assert "data seed" not in table([{**row, "seed": 0, "data_seed": None}])
+    out = table([{**row, "seed": 0, "data_seed": 1}, {**row, "seed": 0, "data_seed": None}, {**row, "seed": 0, "data_seed": 0}])
+    assert "data seed" in out
+    lines = [ln for ln in out.splitlines() if "grpo" in ln]
+    assert [ln.split("│")[2].strip() for ln in lines] == ["—", "0", "1"]  # sorted, None first

@@ -132,7 +132,7 @@ def sweep(
             if r.error or not metrics.get(COMPLETE_KEY):
                 result.failed.append(f"{label}: {r.error}")
             else:
-                result.trials.append({"label": label, **spec.trial(point).model_dump(include={"seed", "dataset", "algorithm"}), **metrics})
+                result.trials.append({"label": label, **spec.trial(point).model_dump(include={"seed", "data_seed", "dataset", "algorithm"}), **metrics})
         print_summary(result, console)
         if result.failed:
             console.print(f"[red]{len(result.failed)} trial(s) failed:[/]\n  " + "\n  ".join(result.failed))
@@ -163,14 +163,15 @@ def print_summary(result: SweepResult, console: Console) -> None:
     table = Table(title=f"sweep {result.experiment}: one row per trial (bf16 view vs θ0)")
     # Preference accuracy is what preference algorithms train; show it when the grid has one.
     pref = any(get_algorithm(t["algorithm"]).source == "pairs" for t in result.trials)
-    cols = ["seed", "dataset", "algorithm", "reward first → last", "loss first → last", "test acc θ0 → final", "answer acc θ0 → final"]
+    data_seeds = any(t.get("data_seed") is not None for t in result.trials)
+    cols = ["seed", *(["data seed"] if data_seeds else []), "dataset", "algorithm", "reward first → last", "loss first → last", "test acc θ0 → final", "answer acc θ0 → final"]
     cols += ["pref acc θ0 → final"] if pref else []
     for col in [*cols, "bf16 sparsity", "fp32 changed", "sync bytes / dense"]:
         table.add_column(col, justify="right" if col != "algorithm" else "left")
-    for t in sorted(result.trials, key=lambda t: (t["algorithm"], t["dataset"], t["seed"])):
+    for t in sorted(result.trials, key=lambda t: (t["algorithm"], t["dataset"], t["seed"], -1 if t.get("data_seed") is None else t["data_seed"])):
         sent, dense = t.get("sync_bytes_total", 0), t.get("sync_dense_bytes_total", 0)
         table.add_row(
-            str(t["seed"]), t["dataset"], t["algorithm"],
+            str(t["seed"]), *([("—" if t.get("data_seed") is None else str(t["data_seed"]))] if data_seeds else []), t["dataset"], t["algorithm"],
             *(f"{t[f'train_{k}_first']:.3f} → {t[f'train_{k}_last']:.3f}" if f"train_{k}_first" in t else "—" for k in ("reward", "loss")),
             _before_after(t, "test_accuracy"),
             _before_after(t, "test_answer_accuracy"),

@@ -9,9 +9,9 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-# Local SQLite store in the working directory: the embedded default, no server needed.
-# Here rather than in platform.config so that the CLIs can name it without importing pydantic.
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+from rlsparsity.contracts.mlflow_layout import DEFAULT_TRACKING_URI
+
+__all__ = ["DEFAULT_TRACKING_URI", "sweep"]
 
 
 def sweep(spec: Any, overrides: tuple[str, ...] = ()) -> SweepResult:

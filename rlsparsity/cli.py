@@ -23,7 +23,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from rlsparsity.sweeps.run import load_spec, sweep
+    from rlsparsity.sweeps.run import SweepFailed, load_spec, sweep
 
     # Piped output (CI logs, `ray job` logs) would otherwise wrap the tables at 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -32,7 +32,12 @@ def _run_sweep(args: argparse.Namespace) -> int:
         for t in spec.trials():
             console.print(t.label)
         return 0
-    return 0 if sweep(spec, console=console).ok else 1
+    try:
+        sweep(spec, console=console)
+    except SweepFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

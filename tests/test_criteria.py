@@ -299,7 +299,7 @@ def test_numba_backend_scope(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_numba_kernels_are_compiled_once_or_fall_back(monkeypatch):
     """`numba_jit.compiled`: the kernels once per process; None when RLSPARSITY_NUMBA=0, when
     numba is missing (silently), or when compiling fails (with one warning)."""
-    from rlsparsity.analysis import numba_jit
+    from rlsparsity import numba_jit
 
     monkeypatch.setattr(numba_jit, "_COMPILED", {})
     calls = []

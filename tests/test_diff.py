@@ -16,7 +16,7 @@ from rlsparsity.analysis import diff_cli
 from rlsparsity.analysis.checkpoints import CheckpointError, content_hash, open_checkpoint
 from rlsparsity.analysis.criteria import parse_criteria
 from rlsparsity.analysis.diff import DiffError, diff, layer_group, natural_key
-from rlsparsity.analysis.mask import read_mask
+from rlsparsity.contracts.mask import read_mask
 
 TABLE6 = ["bitwise", "abs:1e-8,1e-7,1e-6,1e-5", "rel:1e-3"]
 
@@ -467,7 +467,7 @@ def test_engine_runs_without_torch(known_pair: dict) -> None:
 
 
 def test_chunk_constants_agree() -> None:
-    from rlsparsity.analysis import mask
+    from rlsparsity.contracts import mask
 
     assert ckpts.CHUNK_ELEMS == mask.CHUNK_ELEMS
 

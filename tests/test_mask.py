@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from rlsparsity.analysis.mask import (
+from rlsparsity.contracts.mask import (
     CHUNK_ELEMS,
     MaskError,
     MaskWriter,

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 
 from rlsparsity.analysis import overlap as ov
-from rlsparsity.analysis.layers import layer_of, matrix_type
-from rlsparsity.analysis.mask import CHUNK_ELEMS, MaskError, MaskWriter
 from rlsparsity.analysis.overlap import OverlapError, compute_overlap, plan_ranges
+from rlsparsity.contracts.layers import layer_of, matrix_type
+from rlsparsity.contracts.mask import CHUNK_ELEMS, MaskError, MaskWriter
 
 # Sizes chosen to be multiples of neither 8 nor CHUNK_ELEMS; one tensor spans two chunks
 # (the second short), tiny tensors share packs, and an empty tensor has a zero-length row.
@@ -163,7 +163,7 @@ def test_numba_kernel_matches_numpy(n: int, n_new: int, w: int, seg: list[int] |
 def test_numpy_path_matches_brute_force(mask_set, tmp_path, monkeypatch) -> None:
     """With numba off (``RLSPARSITY_NUMBA=0`` or not installed) the numpy kernel runs, incl. incremental."""
     paths, arrays = mask_set
-    from rlsparsity.analysis import numba_jit
+    from rlsparsity import numba_jit
 
     monkeypatch.setitem(numba_jit._COMPILED, "overlap", None)  # as RLSPARSITY_NUMBA=0 leaves it
     assert ov._numba_kernels() is None

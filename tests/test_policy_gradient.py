@@ -13,7 +13,8 @@ from rlsparsity.platform.algorithms import Models, StepBatch, get_algorithm
 from rlsparsity.platform.algorithms import policy_gradient as pg
 from rlsparsity.platform.algorithms.supervised import RAFTConfig, RAFTPlusPlusConfig
 from rlsparsity.platform.batches import build_batch, token_logprobs
-from rlsparsity.platform.config import TrainingSpec, TrialSpec
+from rlsparsity.platform.config import TrainingSpec
+from rlsparsity.platform.trial_spec import TrialSpec
 
 torch.set_num_threads(1)
 V = 5

@@ -25,7 +25,8 @@ from rlsparsity.platform.algorithms.preference import (
     stack_tokens,
 )
 from rlsparsity.platform.batches import build_batch
-from rlsparsity.platform.config import TrainingSpec, TrialSpec
+from rlsparsity.platform.config import TrainingSpec
+from rlsparsity.platform.trial_spec import TrialSpec
 
 torch.set_num_threads(1)
 

@@ -70,7 +70,7 @@ def test_quickstart_spec_is_the_default_grid():
 
 
 def test_data_seed_separates_the_training_problems_from_the_seed():
-    from rlsparsity.platform.learner import _step_problems
+    from rlsparsity.platform.sources import StepContext
     from rlsparsity.platform.tasks import get_task
 
     spec = SweepSpec({"seed": [0, 1], "data_seed": [None, 0, 1]})
@@ -80,7 +80,8 @@ def test_data_seed_separates_the_training_problems_from_the_seed():
     task = get_task("add")
 
     def problems(seed, data_seed, step=3):
-        return [(p.prompt, p.answer) for p in _step_problems(task, by_key[(seed, data_seed)], step, 0, 1, None)]
+        ctx = StepContext(by_key[(seed, data_seed)], step, rank=0, world=1, rollout=None, tokenizer=None, task=task)
+        return [(p.prompt, p.answer) for p in ctx.problems()]
 
     # Without data_seed the seed picks the data; with it, only data_seed does.
     assert problems(0, None) == problems(0, 0) == problems(1, 0) != problems(1, None) == problems(0, 1)

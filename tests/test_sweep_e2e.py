@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 import rlsparsity
-from rlsparsity.analysis.mask import read_mask
+from rlsparsity.contracts.mask import read_mask
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,8 @@ def test_the_final_trial_result_uses_no_key_tune_reserves():
     """Tune stops a trial on a result whose `done` is set, and owns its other auto-filled keys."""
     from ray.tune import result as tune_result
 
-    from rlsparsity.sweeps.trial import COMPLETE_KEY, SUMMARY_KEYS
+    from rlsparsity.contracts.mlflow_layout import SUMMARY_METRICS as SUMMARY_KEYS
+    from rlsparsity.sweeps.trial import COMPLETE_KEY
 
     reserved = {*tune_result.AUTO_RESULT_KEYS, tune_result.DONE, tune_result.SHOULD_CHECKPOINT, tune_result.RESULT_DUPLICATE}
     assert not reserved & {COMPLETE_KEY, "mlflow_run_id", *SUMMARY_KEYS}

@@ -343,7 +343,7 @@ def test_a_sweep_trial_runs_on_the_vllm_backend(ray_session, vllm_model_dir: Pat
     from mlflow.tracking import MlflowClient
 
     import rlsparsity
-    from rlsparsity.analysis.mask import read_mask
+    from rlsparsity.contracts.mask import read_mask
 
     monkeypatch.setenv("RLSPARSITY_RAY_STORAGE", str(tmp_path / "ray"))
     db = f"sqlite:///{tmp_path / 'vllm.db'}"

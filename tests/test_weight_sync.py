@@ -63,7 +63,7 @@ def test_choose_patch_goes_dense_by_mode_or_size():
 def test_fused_diff_kernel_matches_torch_cast_bit_for_bit():
     """The numba kernel's cast is checked against torch's on every float32 class: NaNs of
     both signs and payloads, infinities, ±0, subnormals, ties, and values that round to inf."""
-    from rlsparsity.analysis.numba_jit import compiled
+    from rlsparsity.numba_jit import compiled
     from rlsparsity.platform.weight_sync import _build_kernel
 
     kern = compiled("bf16 sync diff", _build_kernel)

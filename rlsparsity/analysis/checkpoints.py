@@ -40,7 +40,7 @@ from safetensors import SafetensorError, safe_open
 
 from rlsparsity.analysis.criteria import STORAGE
 
-# The mask format's chunk size (kept in sync with rlsparsity.analysis.mask.CHUNK_ELEMS, which
+# The mask format's chunk size (kept in sync with rlsparsity.contracts.mask.CHUNK_ELEMS, which
 # is not imported here so that listing and reading need neither pyarrow nor torch).
 CHUNK_ELEMS = 1 << 20
 

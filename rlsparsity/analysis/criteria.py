@@ -488,7 +488,7 @@ def _build_numba_kernel() -> Any:
     from numba import types
     from numba.extending import intrinsic
 
-    from rlsparsity.analysis.numba_jit import njit
+    from rlsparsity.numba_jit import njit
 
     @intrinsic
     def u16_to_f32(typingctx, x):  # noqa: ARG001
@@ -507,7 +507,7 @@ def _build_numba_kernel() -> Any:
 
 def _numba_kernel() -> Any:
     """The compiled :func:`_bf16_counts`, or None (numba missing, disabled, or failing)."""
-    from rlsparsity.analysis.numba_jit import compiled
+    from rlsparsity.numba_jit import compiled
 
     return compiled("bf16 diff", _build_numba_kernel)
 

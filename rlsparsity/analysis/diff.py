@@ -567,7 +567,7 @@ def diff_checkpoints(
                                 yield _Task(-1, None, info, s, c, hash_b=True)
 
         if mask_path:
-            from rlsparsity.analysis.mask import MaskWriter
+            from rlsparsity.contracts.mask import MaskWriter
 
             bits_dts = sorted({common_dtypes(p.base.dtype_name, p.target.dtype_name)[0] for p in plan.pairs})
             writer = MaskWriter(
@@ -605,7 +605,7 @@ def diff_checkpoints(
                     {n: (i.dtype, i.shape, tensor_digest(digests[side].get(n, []))) for n, i in ck.tensors.items()}
                 )
         if writer is not None:
-            from rlsparsity.analysis.mask import read_meta
+            from rlsparsity.contracts.mask import read_meta
 
             writer.close()
             meta = read_meta(mask_path)

@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from rlsparsity import DEFAULT_TRACKING_URI
 from rlsparsity.analysis.checkpoints import CheckpointError
 from rlsparsity.analysis.criteria import DEFAULT_CRITERIA, CriterionError, parse_criteria
+from rlsparsity.contracts.mlflow_layout import DEFAULT_TRACKING_URI, DIFF_DIR, KIND_DIFF, KIND_TAG
 
 DEFAULT_EXPERIMENT = "rlsparsity-diff"
 
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args, console, err)
     except Exception as e:
-        mask_mod = sys.modules.get("rlsparsity.analysis.mask")  # imported only if a mask was written
+        mask_mod = sys.modules.get("rlsparsity.contracts.mask")  # imported only if a mask was written
         known = (CheckpointError, DiffError, CriterionError) + ((mask_mod.MaskError,) if mask_mod else ())
         if not isinstance(e, known):
             raise
@@ -285,7 +285,7 @@ def log_mlflow(result: Any, args: argparse.Namespace, *, json_path: Path, mask_p
     with mlflow.start_run(run_name=name[:250]) as run:
         mlflow.set_tags(
             {
-                "rlsparsity.kind": "diff",
+                KIND_TAG: KIND_DIFF,
                 "base": b["id"],
                 "target": t["id"],
                 "base_hash": b.get("hash") or "",
@@ -315,8 +315,8 @@ def log_mlflow(result: Any, args: argparse.Namespace, *, json_path: Path, mask_p
             metrics["wall_s"] = result.timing["wall_s"]
             metrics["bytes_per_s"] = result.timing["bytes_per_s"] or 0.0
         mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(json_path), artifact_path="diff")
-        mlflow.log_artifact(str(mask_path), artifact_path="diff")
+        mlflow.log_artifact(str(json_path), artifact_path=DIFF_DIR)
+        mlflow.log_artifact(str(mask_path), artifact_path=DIFF_DIR)
         return run.info.run_id
 
 

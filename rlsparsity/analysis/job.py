@@ -25,16 +25,21 @@ from rlsparsity.analysis.overlap import (
     compute_overlap,
     default_cache_dir,
 )
-
-KIND_TAG = "rlsparsity.kind"
-LABEL_TAG = "rlsparsity.label"
-SWEEP_RUN_TAG = "rlsparsity.sweep_run_id"
-GRID_AXES_TAG = "rlsparsity.grid_axes"
-PARENT_TAG = "mlflow.parentRunId"
-
-
-def mask_artifact_path(step: int | None) -> str:
-    return "masks/final.arrow" if step is None else f"masks/step_{step:06d}.arrow"
+from rlsparsity.contracts.mlflow_layout import (
+    ANALYSIS_TAG,
+    ERROR_TAG,
+    GRID_AXES_TAG,
+    KIND_ANALYSIS,
+    KIND_SWEEP,
+    KIND_TAG,
+    KIND_TRIAL,
+    LABEL_TAG,
+    MASK_ARTIFACT_TAG,
+    OVERLAP_DIR,
+    PARENT_TAG,
+    SWEEP_RUN_TAG,
+    mask_artifact_path,
+)
 
 
 def _client(tracking_uri: str) -> Any:
@@ -79,17 +84,17 @@ def find_sweep_and_trials(
     else:
         found = client.search_runs(
             [exp.experiment_id],
-            filter_string=f"tags.`{KIND_TAG}` = 'sweep'",
+            filter_string=f"tags.`{KIND_TAG}` = '{KIND_SWEEP}'",
             max_results=1,
             order_by=["attributes.start_time DESC"],
         )
         if not found:
-            raise OverlapError(f"experiment {experiment!r} has no sweep run (tag {KIND_TAG}=sweep)")
+            raise OverlapError(f"experiment {experiment!r} has no sweep run (tag {KIND_TAG}={KIND_SWEEP})")
         sweep = found[0]
     trials = _search_all(
         client,
         exp.experiment_id,
-        f"tags.`{PARENT_TAG}` = '{sweep.info.run_id}' and tags.`{KIND_TAG}` = 'trial'",
+        f"tags.`{PARENT_TAG}` = '{sweep.info.run_id}' and tags.`{KIND_TAG}` = '{KIND_TRIAL}'",
         order_by=["attributes.start_time ASC"],
     )
     if not trials:
@@ -229,11 +234,11 @@ def run_overlap_analysis(
     run_id = None
     if log:
         tags = {
-            KIND_TAG: "analysis",
+            KIND_TAG: KIND_ANALYSIS,
             SWEEP_RUN_TAG: sweep_id,
             PARENT_TAG: sweep_id,
-            "rlsparsity.analysis": "overlap",
-            "rlsparsity.mask_artifact": artifact,
+            ANALYSIS_TAG: "overlap",
+            MASK_ARTIFACT_TAG: artifact,
         }
         run = client.create_run(
             exp.experiment_id,
@@ -259,7 +264,7 @@ def run_overlap_analysis(
     except BaseException as e:
         if run_id is not None:
             try:
-                client.set_tag(run_id, "rlsparsity.error", f"{type(e).__name__}: {e}"[:4000])
+                client.set_tag(run_id, ERROR_TAG, f"{type(e).__name__}: {e}"[:4000])
             finally:
                 client.set_terminated(
                     run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED"
@@ -306,7 +311,7 @@ def _log_result(client: Any, run_id: str, result: OverlapResult, step: int | Non
 
     with tempfile.TemporaryDirectory(prefix="rlsparsity-overlap-out-") as out:
         write_outputs(result, out)
-        client.log_artifacts(run_id, out, artifact_path="overlap")
+        client.log_artifacts(run_id, out, artifact_path=OVERLAP_DIR)
     pairs = result.pairs()
 
     def mean(key: str) -> float | None:

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rlsparsity.analysis.layers import group_sort_key, layer_of, matrix_type
-from rlsparsity.analysis.mask import (
+from rlsparsity.contracts.layers import group_sort_key, layer_of, matrix_type
+from rlsparsity.contracts.mask import (
     MaskError,
     check_compatible,
     combine_digests,
@@ -657,7 +657,7 @@ def _build_numba_kernels() -> tuple[Any, Any]:
     from numba import types
     from numba.extending import intrinsic
 
-    from rlsparsity.analysis.numba_jit import njit
+    from rlsparsity.numba_jit import njit
 
     @intrinsic
     def popc64(typingctx, x):  # noqa: ARG001
@@ -677,7 +677,7 @@ def _build_numba_kernels() -> tuple[Any, Any]:
 
 def _numba_kernels() -> tuple[Any, Any] | None:
     """The compiled (tile_counts, row_counts), or None (numba missing, disabled, or failing to compile)."""
-    from rlsparsity.analysis.numba_jit import compiled
+    from rlsparsity.numba_jit import compiled
 
     return compiled("overlap", _build_numba_kernels)
 
@@ -847,7 +847,7 @@ def _pair_rate() -> float:
     """Planning rate of the kernel the tasks will run, without importing numba here."""
     import importlib.util
 
-    from rlsparsity.analysis.numba_jit import known_unavailable
+    from rlsparsity.numba_jit import known_unavailable
 
     if known_unavailable("overlap"):
         return PAIR_WORDS_PER_S

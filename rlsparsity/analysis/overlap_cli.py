@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from rlsparsity import DEFAULT_TRACKING_URI
-from rlsparsity.analysis.mask import MaskError
 from rlsparsity.analysis.overlap import OverlapError
+from rlsparsity.contracts.mask import MaskError
+from rlsparsity.contracts.mlflow_layout import DEFAULT_TRACKING_URI
 
 
 def add_parser(subparsers: Any) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from rlsparsity.analysis.layers import layer_of
-from rlsparsity.analysis.mask import MaskWriter
+from rlsparsity.contracts.layers import layer_of
+from rlsparsity.contracts.mask import MaskWriter
 from rlsparsity.platform.weight_sync import bf16_bits
 
 

@@ -1,69 +1,18 @@
-"""Rollout engines behind one interface, and the Ray actor that hosts one.
-
-An engine generates n completions per prompt (token ids) and applies sparse bf16 weight
-patches. The `hf` engine runs `transformers.generate` in float32 on weights that always
-equal a bf16 view (θ0's, then the learner's after each patch): on CPU bf16 arithmetic is
-about 5x slower, and float32 holds every bf16 value exactly.
-"""
+"""The rollout actors: Ray actors that host one engine each (`rlsparsity.platform.engines`),
+and `RolloutPool`, the learner's handle on them that survives an actor restart."""
 
 from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import ray
 import ray.exceptions
 import torch
 
-from rlsparsity.platform.weight_sync import SparsePatch, apply_patch, bf16_bits, full_patch
-
-
-class RolloutEngine(Protocol):
-    def generate(
-        self, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int, seed: int
-    ) -> list[list[list[int]]]: ...
-
-    def apply_patch(self, patch: SparsePatch) -> None: ...
-
-
-class HFEngine:
-    def __init__(self, model_path: str | Path, *, threads: int = 1) -> None:
-        from rlsparsity.platform.models import load_model, load_tokenizer
-
-        torch.set_num_threads(threads)
-        self.tokenizer = load_tokenizer(model_path)
-        self.model = load_model(model_path, dtype=torch.float32).eval()
-        with torch.no_grad():  # start from θ0's bf16 view, like the learner's first sync
-            for p in self.model.parameters():
-                p.copy_(p.to(torch.bfloat16))
-
-    def generate(
-        self, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int, seed: int
-    ) -> list[list[list[int]]]:
-        from rlsparsity.platform.generation import generate
-
-        return generate(
-            self.model, self.tokenizer, prompts, n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
-        )
-
-    def apply_patch(self, patch: SparsePatch) -> None:
-        apply_patch(self.model, patch)
-
-    def weights_bf16(self) -> dict[str, torch.Tensor]:
-        return {n: bf16_bits(p) for n, p in self.model.named_parameters()}
-
-
-def _vllm_engine(model_path: str | Path, **kwargs) -> RolloutEngine:
-    # Imported on first use: the hf path never imports vllm (an optional extra).
-    from rlsparsity.platform.vllm_engine import VLLMEngine
-
-    return VLLMEngine(model_path, **kwargs)
-
-
-ENGINES = {"hf": HFEngine, "vllm": _vllm_engine}
-
+from rlsparsity.platform.engines import make_engine, replica_seed
+from rlsparsity.platform.weight_sync import SparsePatch, full_patch
 
 # A restarted actor comes back holding θ0. Its `version` (the learner step it was last
 # synced to) then reads 0, and `RolloutPool` sends it the full current weights before any
@@ -80,17 +29,13 @@ class RolloutActor:
     """One rollout engine per actor; the replica index is folded into the sampling seed."""
 
     def __init__(self, backend: str, model_path: str, replica: int, threads: int = 1, options: dict | None = None) -> None:
-        # options: engine keyword arguments, e.g. the vllm engine's seed and `rollout.vllm` fields.
-        kwargs = dict(options or {})
-        if backend != "hf":
-            kwargs.setdefault("replica", replica)
-        self.engine = ENGINES[backend](model_path, threads=threads, **kwargs)
+        self.engine = make_engine(backend, model_path, replica, threads, options)
         self.replica = replica
         self.version = 0  # the learner step whose weights this engine holds; 0 = θ0
 
     def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, seed: int) -> list[list[list[int]]]:
         return self.engine.generate(
-            prompts, n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed * 1009 + self.replica
+            prompts, n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=replica_seed(seed, self.replica)
         )
 
     def apply_patch(self, patch: SparsePatch, version: int | None = None) -> int:

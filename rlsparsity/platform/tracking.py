@@ -18,8 +18,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from rlsparsity.contracts.mlflow_layout import KIND_TAG
+
 T = TypeVar("T")
-KIND_TAG = "rlsparsity.kind"
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -101,6 +102,20 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         _retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
-    def finish(self, run_id: str, ok: bool) -> None:
-        _retry(lambda: self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED"))
+    def finish(self, run_id: str, ok: bool, *, killed: bool = False) -> None:
+        status = "FINISHED" if ok else "KILLED" if killed else "FAILED"
+        _retry(lambda: self.client.set_terminated(run_id, status))
 
+
+
+class RunSink:
+    """The learner's `Sink` for one MLflow run: metrics and mask files go to `run_id`."""
+
+    def __init__(self, tracker: Tracker, run_id: str) -> None:
+        self.tracker, self.run_id = tracker, run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.tracker.log_metrics(self.run_id, metrics, step=step)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_dir: str) -> None:
+        self.tracker.log_artifact(self.run_id, path, artifact_dir)

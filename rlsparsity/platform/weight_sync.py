@@ -57,7 +57,7 @@ def _changed_bf16(src: np.ndarray, last: np.ndarray, idx: np.ndarray, bits: np.n
 
 
 def _build_kernel() -> object:
-    from rlsparsity.analysis.numba_jit import njit
+    from rlsparsity.numba_jit import njit
 
     kern = njit(_changed_bf16)
     kern(np.zeros(2, np.uint32), np.ones(2, np.int16), np.empty(2, np.int32), np.empty(2, np.int16))
@@ -77,7 +77,7 @@ class Bf16SyncState:
         self.dense_above = dense_above
 
     def diff(self, named_params: Iterable[tuple[str, torch.Tensor]], *, fused: bool = True) -> SparsePatch:
-        from rlsparsity.analysis.numba_jit import compiled
+        from rlsparsity.numba_jit import compiled
 
         kern = compiled("bf16 sync diff", _build_kernel) if fused else None
         patch = SparsePatch()

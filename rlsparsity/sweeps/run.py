@@ -19,15 +19,30 @@ from ray import tune
 from rich.console import Console
 from rich.table import Table
 
+from rlsparsity.contracts.mlflow_layout import GRID_AXES_TAG, KIND_SWEEP, PLUGINS_TAG
 from rlsparsity.platform.algorithms import get_algorithm
 from rlsparsity.platform.cluster import init_ray
 from rlsparsity.platform.models import load_tokenizer, model_content_hash, resolve_model
+from rlsparsity.platform.plugins import search_paths_of
 from rlsparsity.platform.tracking import Tracker, git_commit
 from rlsparsity.sweeps.spec import SpecError, SweepSpec, apply_overrides
 from rlsparsity.sweeps.trial import COMPLETE_KEY, run_trial
 
 # One sweep = one experiment and one θ0: these fields cannot be grid axes.
 SWEEP_WIDE = ("name", "model", "tracking.uri", "tracking.artifact_location", "analysis")
+
+
+class SweepFailed(RuntimeError):
+    """One or more trials of a sweep failed. `result` holds the completed trials and
+    `result.failed` names each failed trial with its error."""
+
+    def __init__(self, result: SweepResult) -> None:
+        self.result = result
+        lines = "\n  ".join(result.failed)
+        super().__init__(
+            f"{len(result.failed)} of {len(result.failed) + len(result.trials)} trial(s) of sweep "
+            f"{result.experiment!r} failed (MLflow sweep run {result.sweep_run_id}):\n  {lines}"
+        )
 
 
 @dataclass
@@ -60,7 +75,11 @@ def sweep(
     *,
     console: Console | None = None,
 ) -> SweepResult:
-    """Run every trial of the grid on Ray Tune and return their summaries."""
+    """Run every trial of the grid on Ray Tune and return their summaries.
+
+    Raises `SpecError` before anything runs for a bad spec, and `SweepFailed` (carrying the
+    result, completed trials included) when any trial failed; its MLflow run and the
+    sweep's are then FAILED."""
     console = console or Console()
     spec = load_spec(spec, overrides)
     for key in SWEEP_WIDE:
@@ -80,9 +99,10 @@ def sweep(
     sweep_run_id = tracker.start_run(
         experiment_id,
         f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        kind="sweep",
+        kind=KIND_SWEEP,
         tags={"model": first.model, "base_hash": base["hash"], "git_commit": commit,
-              "rlsparsity.grid_axes": json.dumps(sorted(spec.axes))},
+              GRID_AXES_TAG: json.dumps(sorted(spec.axes)),
+              **({PLUGINS_TAG: json.dumps(spec.plugins)} if spec.plugins else {})},
     )
     ok = False
     result = SweepResult(spec.name, sweep_run_id, tracker.uri)
@@ -92,6 +112,9 @@ def sweep(
         storage = Path(os.environ.get("RLSPARSITY_RAY_STORAGE", Path.cwd() / ".rlsparsity" / "ray")).resolve()
         ctx = {
             "raw_spec": spec.to_dict(),
+            "plugins": spec.plugins,
+            "plugin_paths": search_paths_of(spec.plugins),
+            "artifact_location": first.tracking.artifact_location,
             "model_path": str(model_path),
             "base": base,
             "tracking_uri": tracker.uri,
@@ -111,7 +134,7 @@ def sweep(
         trainable = tune.with_resources(tune.with_parameters(_tune_fn, ctx=ctx), {"cpu": 0, "memory": 256 * 2**20})
         tuner = tune.Tuner(
             trainable,
-            param_space={"point": tune.grid_search(spec.grid())},
+            param_space={"trial": tune.grid_search([{"point": p, "label": spec.trial(p).label} for p in spec.grid()])},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_trial_name),
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{sweep_run_id[:8]}",
@@ -126,32 +149,43 @@ def sweep(
         )
         grid = tuner.fit()
         for r in grid:
-            point = r.config["point"]
-            label = spec.trial(point).label
+            point, label = r.config["trial"]["point"], r.config["trial"]["label"]
             metrics = r.metrics or {}
             if r.error or not metrics.get(COMPLETE_KEY):
-                result.failed.append(f"{label}: {r.error}")
+                result.failed.append(f"{label}: {_error_text(r.error)}")
             else:
                 result.trials.append({"label": label, **spec.trial(point).model_dump(include={"seed", "data_seed", "dataset", "algorithm"}), **metrics})
         print_summary(result, console)
-        if result.failed:
-            console.print(f"[red]{len(result.failed)} trial(s) failed:[/]\n  " + "\n  ".join(result.failed))
-        elif first.analysis and len(result.trials) > 1:
+        if not result.failed and first.analysis and len(result.trials) > 1:
             from rlsparsity.analysis.job import run_overlap_analysis
 
             result.overlap = run_overlap_analysis(tracker.uri, spec.name, sweep_run_id=sweep_run_id, console=console)
         ok = result.ok
-        return result
     finally:
         tracker.finish(sweep_run_id, ok)
+    if not result.ok:
+        raise SweepFailed(result)
+    return result
+
+
+def _error_text(error: BaseException | None) -> str:
+    """The root cause of a trial's error: Tune wraps it (RayTaskError, TuneError), and the
+    innermost cause names what the user got wrong."""
+    if error is None:
+        return "ended without its final report"
+    # RayTaskError keeps the original as `.cause`; Python chains as `__cause__`.
+    while (inner := getattr(error, "cause", None) or error.__cause__) is not None and inner is not error:
+        error = inner
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
 
 def _tune_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    run_trial(config["point"], ctx)
+    run_trial(config["trial"]["point"], config["trial"]["label"], ctx)
 
 
 def _trial_name(trial) -> str:
-    point = trial.config["point"]
+    point = trial.config["trial"]["point"]
     return "_".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items()) or "trial"
 
 

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from rlsparsity.platform.config import TrialSpec, fields_at
+from rlsparsity.platform.plugins import PluginError, check_names, import_plugins
+from rlsparsity.platform.trial_spec import TrialSpec, fields_at
 
 
 class SpecError(ValueError):
@@ -65,12 +66,22 @@ class SweepSpec:
     """A validated sweep: a template plus grid axes (dotted field -> list of values)."""
 
     def __init__(self, raw: Mapping[str, Any]) -> None:
+        raw = dict(raw)
+        # `plugins` is a list that is not a grid axis: the modules every trial imports. They
+        # register custom algorithms and tasks, so they are imported before validation.
+        try:
+            self.plugins = check_names(raw.pop("plugins", None))
+            import_plugins(self.plugins)
+        except PluginError as e:
+            raise SpecError(f"invalid sweep spec:\n  {e}") from None
         flat = flatten(raw)
         self.axes: dict[str, list[Any]] = {k: list(v) for k, v in flat.items() if isinstance(v, list)}
         for k, v in self.axes.items():
             if not v:
                 raise SpecError(f"invalid sweep spec:\n  {k}: an empty list gives an empty grid")
         self.template = {k: v for k, v in flat.items() if k not in self.axes}
+        if self.plugins:
+            self.template["plugins"] = tuple(self.plugins)
         self._trials = [self._validate(point) for point in self.grid()]
         self.name = self._trials[0].name
 
@@ -102,7 +113,10 @@ class SweepSpec:
         return self._validate(point)
 
     def to_dict(self) -> dict[str, Any]:
-        return unflatten({**self.template, **self.axes})
+        out = unflatten({**self.template, **self.axes})
+        if self.plugins:
+            out["plugins"] = list(self.plugins)
+        return out
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The trial driver: the Ray Tune function that runs one grid point.
 
 It opens the trial's nested MLflow run, reserves a placement group for its rollout
-actors, runs a Ray Train `TorchTrainer` whose workers execute `learner.train_loop`, and
-reports the trial's summary back to Tune.
+actors, runs a Ray Train `TorchTrainer` whose workers run the `Learner`
+(`train_worker.train_loop`), and reports the trial's summary back to Tune.
 """
 
 from __future__ import annotations
@@ -18,30 +18,15 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlsparsity.platform.config import TrialSpec
-from rlsparsity.platform.learner import train_loop
+from rlsparsity.contracts.mlflow_layout import ERROR_TAG, KIND_TRIAL, LABEL_TAG, SUMMARY_METRICS
+from rlsparsity.platform.plugins import import_plugins
 from rlsparsity.platform.rollout import RolloutActor
 from rlsparsity.platform.tracking import Tracker
+from rlsparsity.platform.train_worker import train_loop
+from rlsparsity.platform.trial_spec import TrialSpec
 
 # The trial's last Tune result carries this key; a trial without it did not complete.
 COMPLETE_KEY = "trial_complete"
-SUMMARY_KEYS = (
-    "test_accuracy_before",
-    "test_accuracy_after",
-    "test_answer_accuracy_before",
-    "test_answer_accuracy_after",
-    "test_preference_accuracy_before",
-    "test_preference_accuracy_after",
-    "train_reward_first",
-    "train_reward_last",
-    "train_loss_first",
-    "train_loss_last",
-    "final/sparsity_bf16",
-    "final/master_changed_frac",
-    "sync_bytes_total",
-    "sync_dense_bytes_total",
-    "reward",
-)
 
 
 def trial_tags(spec: TrialSpec, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +38,7 @@ def trial_tags(spec: TrialSpec, ctx: dict[str, Any]) -> dict[str, Any]:
         "model": spec.model,
         "base_hash": ctx["base"]["hash"],
         "git_commit": ctx["git_commit"],
-        "rlsparsity.label": spec.label,
+        LABEL_TAG: spec.label,
     }
 
 
@@ -66,14 +51,24 @@ def engine_options(spec: TrialSpec) -> dict[str, Any] | None:
     return None
 
 
-def run_trial(point: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """`point` is the grid point (dotted field -> value); `ctx` is fixed for the sweep."""
+def run_trial(point: dict[str, Any], label: str, ctx: dict[str, Any]) -> None:
+    """`point` is the grid point (dotted field -> value) and `label` its trial label (from the
+    driver); `ctx` is fixed for the sweep. Any failure leaves the trial's MLflow run FAILED,
+    with the error in its `rlsparsity.error` tag, and is raised to Tune."""
     from rlsparsity.sweeps.spec import SweepSpec, flatten
 
-    spec = SweepSpec(ctx["raw_spec"]).trial(point)
-    tracker = Tracker(ctx["tracking_uri"], spec.tracking.artifact_location)
+    tracker = Tracker(ctx["tracking_uri"], ctx["artifact_location"])
+    try:
+        # The plugins register custom algorithms and tasks in this process before the spec,
+        # which names them, is validated here again.
+        import_plugins(ctx["plugins"], ctx["plugin_paths"])
+        spec = SweepSpec(ctx["raw_spec"]).trial(point)
+    except Exception as e:
+        run_id = tracker.start_run(ctx["experiment_id"], label, kind=KIND_TRIAL, parent=ctx["sweep_run_id"], tags={LABEL_TAG: label})
+        _fail(tracker, run_id, e)
+        raise
     run_id = tracker.start_run(
-        ctx["experiment_id"], spec.label, kind="trial", parent=ctx["sweep_run_id"], tags=trial_tags(spec, ctx)
+        ctx["experiment_id"], spec.label, kind=KIND_TRIAL, parent=ctx["sweep_run_id"], tags=trial_tags(spec, ctx)
     )
     # The trial's own algorithm config, resolved with its defaults; not the other algorithms'.
     params = spec.model_dump(exclude={"algorithm_config"})
@@ -81,7 +76,7 @@ def run_trial(point: dict[str, Any], ctx: dict[str, Any]) -> None:
     tracker.log_params(run_id, flatten(params))
     pg = None
     actors: list = []
-    ok = False
+    error: BaseException | None = None
     try:
         r = spec.rollout
         pg = placement_group([{"CPU": r.cpus}] * r.replicas, strategy="PACK", name=f"rollout-{run_id}")
@@ -102,6 +97,7 @@ def run_trial(point: dict[str, Any], ctx: dict[str, Any]) -> None:
             train_loop,
             train_loop_config={
                 "spec": spec,
+                "plugin_paths": ctx["plugin_paths"],
                 "model_path": ctx["model_path"],
                 "base": ctx["base"],
                 "run_id": run_id,
@@ -120,10 +116,12 @@ def run_trial(point: dict[str, Any], ctx: dict[str, Any]) -> None:
                 callbacks=[TuneReportCallback()],
             ),
         )
-        trainer.fit()
-        run = tracker.client.get_run(run_id)
-        summary = {k: run.data.metrics[k] for k in SUMMARY_KEYS if k in run.data.metrics}
-        ok = True
+        # The learner's last report is its summary.
+        final = trainer.fit().metrics or {}
+        summary = {k: final[k] for k in SUMMARY_METRICS if k in final}
+    except BaseException as e:
+        error = e
+        raise
     finally:
         try:  # the CPUs go back even if the tracking server is unreachable
             for a in actors:
@@ -131,8 +129,19 @@ def run_trial(point: dict[str, Any], ctx: dict[str, Any]) -> None:
             if pg is not None:
                 remove_placement_group(pg)
         finally:
-            tracker.finish(run_id, ok)
+            if error is None:
+                tracker.finish(run_id, True)
+            else:
+                _fail(tracker, run_id, error)
     # The final report comes after the clean-up, and nothing follows it: Tune may stop the
     # trial's actor as soon as it holds a result (e.g. a stopper, or its reserved `done` key),
     # which raced the MLflow run's FINISHED status and the placement group's removal.
     ray.tune.report({COMPLETE_KEY: 1, "mlflow_run_id": run_id, **summary})
+
+
+def _fail(tracker: Tracker, run_id: str, error: BaseException) -> None:
+    """Mark the trial's run FAILED (KILLED when interrupted), naming the error."""
+    try:
+        tracker.set_tags(run_id, {ERROR_TAG: f"{type(error).__name__}: {error}"[:4000]})
+    finally:
+        tracker.finish(run_id, False, killed=isinstance(error, KeyboardInterrupt))

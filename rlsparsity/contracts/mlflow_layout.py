@@ -1,0 +1,72 @@
+"""The MLflow layout every writer and reader shares (docs/DESIGN.md, "MLflow layout").
+
+One experiment per sweep; a parent run per sweep invocation; one nested run per trial;
+analysis and diff runs beside them. Run kinds, tag keys, artifact paths and the summary
+metric names are spelled here once, so the sweep driver, the learner, the overlap job and
+the diff CLI cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# The embedded default: a local SQLite store in the working directory, no server needed.
+DEFAULT_TRACKING_URI: Final = "sqlite:///mlruns.db"
+
+# --- tags
+KIND_TAG: Final = "rlsparsity.kind"  # one of the kinds below
+LABEL_TAG: Final = "rlsparsity.label"  # a trial's label, e.g. grpo/add/s0
+GRID_AXES_TAG: Final = "rlsparsity.grid_axes"  # JSON list of the sweep's grid axes
+SWEEP_RUN_TAG: Final = "rlsparsity.sweep_run_id"  # on analysis runs: the sweep they analysed
+ERROR_TAG: Final = "rlsparsity.error"  # on a FAILED run: what failed
+ANALYSIS_TAG: Final = "rlsparsity.analysis"  # on analysis runs: which analysis
+MASK_ARTIFACT_TAG: Final = "rlsparsity.mask_artifact"  # on analysis runs: which trial masks
+PLUGINS_TAG: Final = "rlsparsity.plugins"  # modules imported in every process of the sweep
+PARENT_TAG: Final = "mlflow.parentRunId"  # MLflow's own nesting tag
+
+# --- run kinds (values of KIND_TAG)
+KIND_SWEEP: Final = "sweep"
+KIND_TRIAL: Final = "trial"
+KIND_ANALYSIS: Final = "analysis"
+KIND_DIFF: Final = "diff"
+
+# Tags every trial run carries besides its kind and label (the factors analyses group by).
+TRIAL_FACTOR_TAGS: Final = ("seed", "data_seed", "dataset", "algorithm", "model", "base_hash", "git_commit")
+
+# --- artifact paths
+MASK_DIR: Final = "masks"
+OVERLAP_DIR: Final = "overlap"
+DIFF_DIR: Final = "diff"
+
+
+def mask_file_name(step: int | None) -> str:
+    """A trial's mask file at `step`; None is the final mask."""
+    return "final.arrow" if step is None else f"step_{step:06d}.arrow"
+
+
+def mask_artifact_path(step: int | None) -> str:
+    """The artifact path of a trial's mask at `step` (None: the final one)."""
+    return f"{MASK_DIR}/{mask_file_name(step)}"
+
+
+# --- metric names
+# A trial's summary, logged once at its last step and returned to Tune; `SUMMARY_METRICS`
+# is what the sweep's result and its table read.
+SUMMARY_METRICS: Final = (
+    "test_accuracy_before",
+    "test_accuracy_after",
+    "test_answer_accuracy_before",
+    "test_answer_accuracy_after",
+    "test_preference_accuracy_before",
+    "test_preference_accuracy_after",
+    "train_reward_first",
+    "train_reward_last",
+    "train_loss_first",
+    "train_loss_last",
+    "final/sparsity_bf16",
+    "final/master_changed_frac",
+    "sync_bytes_total",
+    "sync_dense_bytes_total",
+    "reward",
+)
+FINAL_PREFIX: Final = "final/"  # mask metrics of the final checkpoint

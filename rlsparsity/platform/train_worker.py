@@ -1,0 +1,58 @@
+"""The Ray Train worker function of a trial: a thin wrapper that runs the `Learner` on one
+rank, with the trial's Ray rollout actors and its MLflow run."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch.distributed as dist
+
+from rlsparsity.contracts.mlflow_layout import SUMMARY_METRICS
+from rlsparsity.platform.learner import Learner, run_learner
+from rlsparsity.platform.plugins import import_plugins
+from rlsparsity.platform.rollout import RolloutPool
+from rlsparsity.platform.tracking import RunSink, Tracker
+
+REPORT_EVERY = 10  # steps between progress reports to Ray Train / Tune
+
+
+def train_loop(cfg: dict[str, Any]) -> None:
+    """cfg: spec (TrialSpec), plugins and plugin_paths, model_path, base (id/hash), run_id,
+    tracking_uri, rollout_actors, threads."""
+    spec = cfg["spec"]
+    import_plugins(spec.plugins, cfg.get("plugin_paths", ()))
+    # Ray Train logs every report at INFO; the per-step metrics already go to Tune and MLflow.
+    # Train V2's report logger is named by its file path, outside the "ray.train" tree.
+    from ray.train.v2._internal.execution import context as train_context
+
+    for name in ("ray.train", train_context.__file__):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    sink = RunSink(Tracker(cfg["tracking_uri"], spec.tracking.artifact_location), cfg["run_id"]) if rank == 0 else None
+    learner = Learner(
+        spec, cfg["model_path"], base=cfg["base"], target={"run_id": cfg["run_id"]},
+        rollout=lambda named: RolloutPool(cfg["rollout_actors"], named), sink=sink,
+        rank=rank, world=world, threads=cfg["threads"],
+        wrap=(lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None,
+    )
+
+    def after_step(step: int, metrics: dict[str, float]) -> None:
+        if world > 1:
+            dist.barrier()  # nobody samples from the engines before rank 0 has synced them
+        # A report waits for Ray Train's controller to collect the previous one (about 2 s
+        # here), so per-step reports would dominate a fast step; MLflow gets every step.
+        if step % REPORT_EVERY == 0 and step != spec.training.steps:
+            ray.train.report(_reportable(step, metrics))
+
+    final = run_learner(learner, after_step=after_step)
+    # The last report carries the summary: the trainer's result, read by the trial driver.
+    ray.train.report(_reportable(spec.training.steps, final))
+
+
+def _reportable(step: int, metrics: dict[str, float]) -> dict[str, float]:
+    # Per-layer metrics (`sparsity/layer.NN`) stay in MLflow; Tune gets the scalars.
+    return {"step": step, **{k: v for k, v in metrics.items() if "/" not in k or k in SUMMARY_METRICS}}

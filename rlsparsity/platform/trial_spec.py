@@ -1,0 +1,126 @@
+"""What one trial runs: a `TrialSpec`, every field a scalar, names checked against the registries.
+
+The sweep layer (`rlsparsity.sweeps.spec`) makes grids of these; the platform only ever
+sees one validated `TrialSpec`. Custom algorithms and tasks register on import, so a
+process must import the sweep's plugins (`rlsparsity.platform.plugins`) before it
+validates a spec that names them.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from rlsparsity.platform.algorithms import ALGORITHMS, get_algorithm
+from rlsparsity.platform.config import (
+    ResourcesSpec,
+    RolloutSpec,
+    Strict,
+    TrackingSpec,
+    TrainingSpec,
+)
+from rlsparsity.platform.tasks import TASKS
+
+
+class TrialSpec(Strict):
+    """One trial: every field is a scalar."""
+
+    name: str = "sweep"
+    model: str = "embedded:tiny-arith"
+    dataset: str = "add"
+    algorithm: str = "grpo"
+    # Per-algorithm knobs, keyed by algorithm name, so one sweep spec can carry the settings
+    # of every algorithm on its grid; each trial validates and uses its own entry.
+    algorithm_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    seed: int = 0
+    data_seed: int | None = Field(
+        None, description="seeds which training problems (and offline pairs) the trial draws; default: seed. "
+        "Vary it apart from seed, which keeps the learner's init and the sampling, to separate data from the rest"
+    )
+    plugins: tuple[str, ...] = Field(
+        (), description="modules imported in every process of the sweep before its spec is validated: "
+        "custom algorithms, tasks, rewards and batch sources register there"
+    )
+    training: TrainingSpec = TrainingSpec()
+    rollout: RolloutSpec = RolloutSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    analysis: bool = Field(True, description="run the overlap analysis after the sweep")
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, v: str) -> str:
+        if v not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {v!r}; allowed: {', '.join(sorted(ALGORITHMS))}")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v not in TASKS:
+            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(sorted(TASKS))}")
+        return v
+
+    @model_validator(mode="after")
+    def _valid_algorithm_config(self) -> TrialSpec:
+        for name, raw in self.algorithm_config.items():
+            if name not in ALGORITHMS:
+                raise ValueError(f"algorithm_config.{name}: unknown algorithm; allowed: {', '.join(sorted(ALGORITHMS))}")
+            if name == self.algorithm or raw:
+                _validate_algorithm_config(name, raw)
+        if self.algorithm not in self.algorithm_config:
+            _validate_algorithm_config(self.algorithm, {})
+        if self.training.kl_coef > 0 and not ALGORITHMS[self.algorithm].kl_penalty:
+            with_kl = ", ".join(sorted(n for n, a in ALGORITHMS.items() if a.kl_penalty))
+            raise ValueError(f"training.kl_coef: {self.algorithm} applies no KL penalty; set 0, or use one of: {with_kl}")
+        return self
+
+    @property
+    def algo_config(self) -> Any:
+        """This trial's algorithm config, validated by the algorithm's config class."""
+        return _validate_algorithm_config(self.algorithm, self.algorithm_config.get(self.algorithm, {}))
+
+    @property
+    def label(self) -> str:
+        return f"{self.algorithm}/{self.dataset}/s{self.seed}" + ("" if self.data_seed is None else f"/d{self.data_seed}")
+
+    @property
+    def problem_seed(self) -> int:
+        """The seed of the trial's training problems: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    def cpus(self) -> float:
+        return self.rollout.replicas * self.rollout.cpus + self.resources.learners * self.resources.cpus_per_learner
+
+
+def fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The fields allowed at `loc` (a pydantic error location) inside `model`."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _validate_algorithm_config(name: str, raw: dict[str, Any]) -> Any:
+    config = get_algorithm(name).config
+    try:
+        return config.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            msg = f"algorithm_config.{name}.{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+            if err["type"] == "extra_forbidden":
+                msg += f" (allowed here: {', '.join(fields_at(config, err['loc'][:-1]))})"
+            elif err["type"] == "literal_error":
+                msg += f" (got {err['input']!r})"
+            problems.append(msg)
+        # One line per problem; the sweep spec's error report indents each.
+        raise ValueError("\n  ".join(problems)) from None

@@ -35,6 +35,7 @@ quickstart: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 # What the benchmarks need beyond the project: SmolLM2-135M-Instruct's GGUF (PyPI's

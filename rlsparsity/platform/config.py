@@ -37,8 +37,9 @@ class TrainingSpec(Strict):
     kl_estimator: Literal["k1", "k3"] = Field("k3", description="per-token KL estimator (Schulman's k1 or k3)")
     max_grad_norm: float | None = Field(1.0, description="gradient clipping; null disables it")
     sft_style: Literal["ood", "native"] = "ood"
-    reward: Literal["exact", "last_number"] = Field(
-        "exact", description="exact: the completion is the answer and stops; last_number: the last number in it is the answer"
+    reward: str = Field(
+        "exact", description="a name in tasks.REWARDS. exact: the completion is the answer and stops; "
+        "last_number: the last number in it is the answer"
     )
     prompt_format: Literal["native", "chat"] = Field(
         "native", description="rollout and test prompts: the terse native format, or a user turn of the model's chat template"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,7 +28,9 @@ from rlsparsity.platform.batches import build_batch
 from rlsparsity.platform.engines import Rollout
 from rlsparsity.platform.pairs import offline_pairs, rollout_pairs
 from rlsparsity.platform.tasks import REWARDS, Problem, Task, chat_prompts
-from rlsparsity.platform.trial_spec import TrialSpec
+
+if TYPE_CHECKING:  # trial_spec checks algorithms' sources against SOURCES
+    from rlsparsity.platform.trial_spec import TrialSpec
 
 
 def formatted(problems: list[Problem], spec: TrialSpec, task: Task, tokenizer: Any) -> list[Problem]:

@@ -69,6 +69,18 @@ def last_number_reward(completion_text: str, answer: str) -> float:
 REWARDS: dict[str, Callable[[str, str], float]] = {"exact": reward, "last_number": last_number_reward}
 
 
+def register_reward(name: str) -> Callable[[Callable[[str, str], float]], Callable[[str, str], float]]:
+    """Decorator: register ``fn(completion_text, answer) -> float`` as ``training.reward: name``."""
+
+    def deco(fn: Callable[[str, str], float]) -> Callable[[str, str], float]:
+        if name in REWARDS:
+            raise ValueError(f"reward {name!r} is already registered")
+        REWARDS[name] = fn
+        return fn
+
+    return deco
+
+
 def answer_correct(completion_text: str, answer: str) -> float:
     """1.0 if the first line of the completion is the answer, whatever follows it.
 

@@ -3,7 +3,10 @@ rank, with the trial's Ray rollout actors and its MLflow run."""
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -48,9 +51,15 @@ def train_loop(cfg: dict[str, Any]) -> None:
         if step % REPORT_EVERY == 0 and step != spec.training.steps:
             ray.train.report(_reportable(step, metrics))
 
-    final = run_learner(learner, after_step=after_step)
-    # The last report carries the summary: the trainer's result, read by the trial driver.
-    ray.train.report(_reportable(spec.training.steps, final))
+    final = _reportable(spec.training.steps, run_learner(learner, after_step=after_step))
+    # The last report carries the summary. Train V2's `Result.metrics` are those of the latest
+    # checkpoint, so rank 0 attaches one (the summary as JSON) and the driver reads the result.
+    with tempfile.TemporaryDirectory(prefix="rlsparsity-summary-") as tmp:
+        checkpoint = None
+        if rank == 0:
+            (Path(tmp) / "summary.json").write_text(json.dumps(final))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(final, checkpoint=checkpoint)
 
 
 def _reportable(step: int, metrics: dict[str, float]) -> dict[str, float]:

@@ -21,7 +21,8 @@ from rlsparsity.platform.config import (
     TrackingSpec,
     TrainingSpec,
 )
-from rlsparsity.platform.tasks import TASKS
+from rlsparsity.platform.sources import SOURCES
+from rlsparsity.platform.tasks import REWARDS, TASKS
 
 
 class TrialSpec(Strict):
@@ -70,6 +71,11 @@ class TrialSpec(Strict):
                 raise ValueError(f"algorithm_config.{name}: unknown algorithm; allowed: {', '.join(sorted(ALGORITHMS))}")
             if name == self.algorithm or raw:
                 _validate_algorithm_config(name, raw)
+        source = ALGORITHMS[self.algorithm].source
+        if source not in SOURCES:
+            raise ValueError(f"algorithm: {self.algorithm} reads batch source {source!r}, which is not registered; registered: {', '.join(sorted(SOURCES))}")
+        if self.training.reward not in REWARDS:
+            raise ValueError(f"training.reward: unknown reward {self.training.reward!r}; allowed: {', '.join(sorted(REWARDS))}")
         if self.algorithm not in self.algorithm_config:
             _validate_algorithm_config(self.algorithm, {})
         if self.training.kl_coef > 0 and not ALGORITHMS[self.algorithm].kl_penalty:

@@ -42,7 +42,8 @@ from rlsparsity.platform.batches import TokenBatch
 if TYPE_CHECKING:
     from rlsparsity.platform.config import TrainingSpec
 
-Source = Literal["rollouts", "pairs", "dataset"]
+# A batch source registered in `rlsparsity.platform.sources` (rollouts, pairs, dataset, ...).
+Source = str
 PairSource = Literal["offline", "best_vs_worst", "random_negative"]
 
 

@@ -41,12 +41,9 @@ import re
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -73,6 +70,7 @@ from rlsparsity.analysis.criteria import (
     numba_available,
     parse_criteria,
 )
+from rlsparsity.analysis.parallel import bounded_map, windowed
 
 RESULT_FORMAT = "rlsparsity.diff/1"
 UNIT_ELEMS = CHUNK_ELEMS
@@ -422,25 +420,6 @@ def _run_task(t: _Task, criteria: Sequence[Criterion], reader: Reader, backend: 
     return _Out(*head, cmp.counts, bits, da, db, nbytes, (cmp.bitwise_dtype, cmp.compute_dtype))
 
 
-def _ordered(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, window: int) -> Iterator[Any]:
-    """``map(fn, items)`` on a thread pool, yielding in order with at most ``window`` in flight."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    it = iter(items)
-    with ThreadPoolExecutor(workers, thread_name_prefix="rlsparsity-diff") as ex:
-        pending = deque(ex.submit(fn, x) for x in islice(it, window))
-        try:
-            while pending:
-                res = pending.popleft().result()
-                for x in islice(it, 1):
-                    pending.append(ex.submit(fn, x))
-                yield res
-        finally:
-            for f in pending:
-                f.cancel()
-
-
 # Ray: tasks are JSON-like dicts so workers need nothing but this module and the files.
 
 
@@ -483,12 +462,7 @@ def _ray_ordered(tasks: Iterable[_Task], criteria: Sequence[Criterion]) -> Itera
         if batch:
             yield batch
 
-    it = batches()
-    pending = deque(remote.remote(b, crit) for b in islice(it, window))
-    while pending:
-        res = ray.get(pending.popleft())
-        for b in islice(it, 1):
-            pending.append(remote.remote(b, crit))
+    for res in windowed(lambda b: remote.remote(b, crit), batches(), window, ray.get):
         for d in res:
             d["dtypes"] = tuple(d["dtypes"]) if d["dtypes"] else None
             yield _Out(**d)
@@ -592,7 +566,9 @@ def diff_checkpoints(
                 started_ray = True
             outs = _ray_ordered(tasks(), crits)
         else:
-            outs = _ordered(lambda t: _run_task(t, crits, reader, backend), tasks(), workers, 2 * workers + 2)
+            outs = bounded_map(
+                lambda t: _run_task(t, crits, reader, backend), tasks(), workers, 2 * workers + 2, name="rlsparsity-diff"
+            )
 
         needs_torch = any(x.dtype in _TORCH_CODES for p in plan.pairs for x in (p.base, p.target))
         with _single_threaded_torch(needs_torch):

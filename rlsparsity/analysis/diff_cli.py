@@ -15,6 +15,7 @@ from typing import Any
 
 from rlsparsity.analysis.checkpoints import CheckpointError
 from rlsparsity.analysis.criteria import DEFAULT_CRITERIA, CriterionError, parse_criteria
+from rlsparsity.analysis.parallel import byte_progress
 from rlsparsity.contracts.mlflow_layout import DEFAULT_TRACKING_URI, DIFF_DIR, KIND_DIFF, KIND_TAG
 
 DEFAULT_EXPERIMENT = "rlsparsity-diff"
@@ -146,23 +147,8 @@ def _run(args: argparse.Namespace, console: Any, err: Any) -> int:
             ray_address=args.ray_address,
         )
         show_progress = not (args.quiet or args.no_progress) and err.is_terminal
-        if show_progress:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            with Progress(
-                "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                TimeRemainingColumn(), console=err, transient=True,
-            ) as prog:
-                task = prog.add_task("diff", total=base.nbytes + target.nbytes)
-                result = diff_checkpoints(base, target, criteria, progress=lambda n: prog.advance(task, n), **kwargs)
-        else:
-            result = diff_checkpoints(base, target, criteria, **kwargs)
+        with byte_progress(show_progress, base.nbytes + target.nbytes, "diff", console=err, transient=True) as advance:
+            result = diff_checkpoints(base, target, criteria, progress=advance if show_progress else None, **kwargs)
 
         text = result.to_json()
         if args.json_out == "-":

@@ -16,6 +16,7 @@ from typing import Any
 from rlsparsity.analysis.checkpoints import CheckpointError
 from rlsparsity.analysis.criteria import DEFAULT_CRITERIA, CriterionError, parse_criteria
 from rlsparsity.analysis.parallel import byte_progress
+from rlsparsity.contracts.layers import natural_key
 from rlsparsity.contracts.mlflow_layout import DEFAULT_TRACKING_URI, DIFF_DIR, KIND_DIFF, KIND_TAG
 
 DEFAULT_EXPERIMENT = "rlsparsity-diff"
@@ -194,7 +195,7 @@ def print_result(result: Any, console: Any, *, per_tensor: bool = False, per_lay
             tab.add_column(col, justify="right" if col == "numel" else "left", no_wrap=True)
         for k in keys:
             tab.add_column(k, justify="right", no_wrap=True)
-        for r in sorted(result.tensors, key=lambda r: _nat(r.name)):
+        for r in sorted(result.tensors, key=lambda r: natural_key(r.name)):
             dt = r.base_dtype if r.base_dtype == r.target_dtype else f"{r.base_dtype}->{r.target_dtype}"
             tab.add_row(r.name, "x".join(map(str, r.shape)), dt, f"{r.numel:,}", *(_pct(1 - r.changed[k] / r.numel if r.numel else 1) for k in keys))
         console.print(tab)
@@ -246,12 +247,6 @@ def print_result(result: Any, console: Any, *, per_tensor: bool = False, per_lay
         )
     if result.mask:
         console.print(f"mask ({keys[0]}) -> {result.mask}", highlight=False)
-
-
-def _nat(name: str) -> tuple:
-    from rlsparsity.analysis.diff import natural_key
-
-    return natural_key(name)
 
 
 def _metric_key(text: str) -> str:
@@ -307,7 +302,7 @@ def log_mlflow(result: Any, args: argparse.Namespace, *, json_path: Path, mask_p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (``python -m rlsparsity.analysis.diff_cli BASE TUNED ...``)."""
+    """Standalone entry point (``python -m rlsparsity.analysis.diff.cli BASE TUNED ...``)."""
     parser = argparse.ArgumentParser(prog="rlsparsity")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)

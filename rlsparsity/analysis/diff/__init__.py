@@ -1,7 +1,9 @@
 """Update sparsity of a checkpoint pair, streamed and exact (``rlsparsity diff``).
 
 Modules: `result` (what a diff returns, its JSON), `plan` (matching the two sides),
-`engine` (units on threads or Ray tasks, and the driver), `cli` (the subcommand).
+`engine` (units on threads or Ray tasks, and the driver), `cli` (the subcommand). The
+names below are imported from them on first use, so building the ``rlsparsity`` parser
+(which imports `cli`) does not load the engine.
 
 What is counted
     n (``total``) is the number of elements of every tensor compared: embeddings, lm_head,
@@ -36,11 +38,41 @@ How it runs
     checkpoint's storage order so reads are sequential.
 """
 
-from rlsparsity.analysis.checkpoints import CheckpointError
-from rlsparsity.analysis.diff.engine import diff, diff_checkpoints
-from rlsparsity.analysis.diff.plan import DiffError, Plan, plan_diff
-from rlsparsity.analysis.diff.result import DiffResult, Excluded, TensorResult, layer_group
-from rlsparsity.contracts.layers import natural_key
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rlsparsity.analysis.checkpoints import CheckpointError
+    from rlsparsity.analysis.diff.engine import diff, diff_checkpoints
+    from rlsparsity.analysis.diff.plan import DiffError, Plan, plan_diff
+    from rlsparsity.analysis.diff.result import DiffResult, Excluded, TensorResult, layer_group
+    from rlsparsity.contracts.layers import natural_key
+
+_FROM = {
+    "CheckpointError": "rlsparsity.analysis.checkpoints",
+    "diff": "rlsparsity.analysis.diff.engine",
+    "diff_checkpoints": "rlsparsity.analysis.diff.engine",
+    "DiffError": "rlsparsity.analysis.diff.plan",
+    "Plan": "rlsparsity.analysis.diff.plan",
+    "plan_diff": "rlsparsity.analysis.diff.plan",
+    "DiffResult": "rlsparsity.analysis.diff.result",
+    "Excluded": "rlsparsity.analysis.diff.result",
+    "TensorResult": "rlsparsity.analysis.diff.result",
+    "layer_group": "rlsparsity.analysis.diff.result",
+    "natural_key": "rlsparsity.contracts.layers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first use (PEP 562)."""
+    module = _FROM.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "CheckpointError",

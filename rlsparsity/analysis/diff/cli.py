@@ -15,7 +15,6 @@ from typing import Any
 
 from rlsparsity.analysis.checkpoints import CheckpointError
 from rlsparsity.analysis.criteria import DEFAULT_CRITERIA, CriterionError, parse_criteria
-from rlsparsity.analysis.parallel import byte_progress
 from rlsparsity.contracts.layers import natural_key
 from rlsparsity.contracts.mlflow_layout import DEFAULT_TRACKING_URI, DIFF_DIR, KIND_DIFF, KIND_TAG
 
@@ -108,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``rlsparsity diff``; returns the exit code (0 ok, 1 error)."""
     from rich.console import Console
 
-    from rlsparsity.analysis.diff import DiffError
+    from rlsparsity.analysis.diff.plan import DiffError
 
     to_stdout = args.json_out == "-"
     # Tables are wide; when piped, rich would wrap them at 80 columns.
@@ -128,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, console: Any, err: Any) -> int:
     from rlsparsity.analysis.checkpoints import open_checkpoint
-    from rlsparsity.analysis.diff import diff_checkpoints
+    from rlsparsity.analysis.diff.engine import diff_checkpoints
+    from rlsparsity.analysis.parallel import byte_progress
 
     criteria = parse_criteria(args.criteria) if args.criteria else list(DEFAULT_CRITERIA)
     base = open_checkpoint(args.base, revision=args.base_revision or args.revision, cache_dir=args.cache_dir, label="base")

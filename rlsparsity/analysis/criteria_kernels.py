@@ -8,8 +8,8 @@ implementations of them that give the same counts:
 - :func:`compare_numpy`: a blocked numpy kernel on CPU data (bf16 is widened to float32 by
   a 16-bit shift, exact), so ``rlsparsity diff`` on bf16/float32 checkpoints never imports
   torch. float16 and float8 are converted with torch (imported on first use; numpy's
-  float16 cast is about 10x slower here). It is the only one that returns masks.
-- :func:`compare_numba`: the fused numba kernel for bf16 pairs counted without masks.
+  float16 cast is about 10x slower here).
+- :func:`compare_numba`: the fused numba kernel for bf16 pairs; counts only, no masks.
 - :func:`compare_torch`: whole-tensor torch ops, for tensors on other devices.
 """
 

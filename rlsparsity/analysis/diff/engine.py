@@ -213,7 +213,7 @@ def diff_checkpoints(
     unit_elems: int = UNIT_ELEMS,
     progress: Callable[[int], None] | None = None,
 ) -> DiffResult:
-    """Diff two resolved checkpoints. See the module docstring for what is counted.
+    """Diff two resolved checkpoints. See the package docstring for what is counted.
 
     ``mask_path`` writes the mask of the first criterion (``rlsparsity.mask/1``).
     ``content_hash`` (default: on when a mask is written) digests both sides while reading.

@@ -297,7 +297,7 @@ def main() -> int:
     py = sys.executable
     jout = args.out / "diff_result.json"
     args.out.mkdir(parents=True, exist_ok=True)
-    ours_cmd = [py, "-m", "rlsparsity.analysis.diff_cli", str(data / "base"), str(data / "tuned"), "-q", "--json", str(jout)]
+    ours_cmd = [py, "-m", "rlsparsity.analysis.diff.cli", str(data / "base"), str(data / "tuned"), "-q", "--json", str(jout)]
     read_cmd = [py, __file__, "--child-read", *map(str, files)]
     runs: dict[str, dict[str, Any]] = {}
     load0 = os.getloadavg()[0]

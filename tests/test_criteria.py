@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from rlsparsity.analysis import criteria as C
+from rlsparsity.analysis import criteria_kernels as K
 from rlsparsity.analysis.criteria import (
     BITWISE,
     Criterion,
     CriterionError,
-    changed_mask,
     compare,
-    count_changed,
     parse_criteria,
     parse_criterion,
 )
@@ -104,7 +103,7 @@ ALL = parse_criteria(["bitwise", TABLE6, "abs:0", "abs:1e-3", "rel:1e-3,1e-2,0"]
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_kernel_matches_brute_force(dtype: torch.dtype, backend: str) -> None:
-    n = C.BLOCK_ELEMS + 12345  # crosses a block boundary with a short last block
+    n = K.BLOCK_ELEMS + 12345  # crosses a block boundary with a short last block
     a, b = _random_pair(n, dtype, seed=len(str(dtype)) + 7 * len(backend))
     res = compare(a, b, ALL, masks=range(len(ALL)), backend=backend)
     for i, c in enumerate(ALL):
@@ -123,7 +122,7 @@ def test_kernel_mixed_dtypes(pair: tuple[torch.dtype, torch.dtype]) -> None:
         assert res.counts[i] == int(brute(a, b, c).sum()), str(c)
     # The same values in two dtypes are unchanged under every criterion.
     x = torch.randn(1000).bfloat16()
-    assert count_changed(x, x.float(), ALL) == [0] * len(ALL)
+    assert compare(x, x.float(), ALL).counts == [0] * len(ALL)
 
 
 def test_packed_masks_equal_unpacked() -> None:
@@ -133,8 +132,10 @@ def test_packed_masks_equal_unpacked() -> None:
     plain = compare(a, b, crits, masks=[0, 1])
     for i in (0, 1):
         np.testing.assert_array_equal(np.unpackbits(packed.masks[i], count=a.numel(), bitorder="little").astype(bool), plain.masks[i])
-    m = changed_mask(a.reshape(1, -1), b.reshape(1, -1), crits[0])
-    assert m.shape == (1, a.numel()) and int(m.sum()) == plain.counts[0]
+    # A 2-D input gives the flat (row-major) mask of the same elements.
+    m = compare(a.reshape(1, -1), b.reshape(1, -1), crits[:1], masks=[0]).masks[0]
+    assert m.shape == (a.numel(),) and int(m.sum()) == plain.counts[0]
+    np.testing.assert_array_equal(m, plain.masks[0])
 
 
 # ----------------------------------------------------------------------------- stated semantics
@@ -193,8 +194,8 @@ def test_bitwise_fast_path_counts_only() -> None:
     a = torch.randn(10_000).bfloat16()
     b = a.clone()
     b[::7] = (b[::7].float() * 1.5).bfloat16()
-    assert count_changed(a, b, [BITWISE]) == [int((a.view(torch.int16) != b.view(torch.int16)).sum())]
-    assert count_changed(a, a.clone(), ALL) == [0] * len(ALL)
+    assert compare(a, b, [BITWISE]).counts == [int((a.view(torch.int16) != b.view(torch.int16)).sum())]
+    assert compare(a, a.clone(), ALL).counts == [0] * len(ALL)
 
 
 def test_shape_and_dtype_errors() -> None:
@@ -208,9 +209,9 @@ def test_numpy_only_path_for_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without torch loaded (the CLI's case) bf16 is widened by a bit shift: same results."""
     from types import SimpleNamespace
 
-    a, b = _random_pair(C.BLOCK_ELEMS + 999, torch.bfloat16, seed=11)
+    a, b = _random_pair(K.BLOCK_ELEMS + 999, torch.bfloat16, seed=11)
     ra, rb = _bits(a), _bits(b)
-    monkeypatch.setattr(C, "sys", SimpleNamespace(modules={}))
+    monkeypatch.setattr(K, "sys", SimpleNamespace(modules={}))
     res = compare(ra, rb, ALL, masks=range(len(ALL)), dtypes=("bfloat16", "bfloat16"))
     mixed = compare(ra, b.float().numpy(), ALL, dtypes=("bfloat16", None))
     for i, c in enumerate(ALL):
@@ -266,7 +267,7 @@ def test_numba_matches_numpy_on_every_bf16_edge_case() -> None:
         assert one.counts == want, (hex(x), hex(y))
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 16384, 16385, C.BLOCK_ELEMS + 12345])
+@pytest.mark.parametrize("n", [0, 1, 7, 16384, 16385, K.BLOCK_ELEMS + 12345])
 def test_numba_matches_numpy_on_random_pairs(n: int) -> None:
     _numba_or_skip()
     a, b = _random_pair(max(n, 1), torch.bfloat16, seed=n % 1000, specials=n > 100)
@@ -286,8 +287,8 @@ def test_numba_backend_scope(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="numba"):
         compare(ra, rb, ALL, masks=[0], dtypes=("bfloat16", "bfloat16"), backend="numba")
     calls = []
-    real = C._compare_numba
-    monkeypatch.setattr(C, "_compare_numba", lambda *x: calls.append(1) or real(*x))
+    real = K.compare_numba
+    monkeypatch.setattr(K, "compare_numba", lambda *x: calls.append(1) or real(*x))
     auto = compare(ra, rb, ALL, dtypes=("bfloat16", "bfloat16"))
     assert calls and auto.counts == compare(ra, rb, ALL, dtypes=("bfloat16", "bfloat16"), backend="numpy").counts
     calls.clear()

@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 from rlsparsity.analysis import checkpoints as ckpts
-from rlsparsity.analysis import diff_cli
 from rlsparsity.analysis.checkpoints import CheckpointError, content_hash, open_checkpoint
 from rlsparsity.analysis.criteria import parse_criteria
 from rlsparsity.analysis.diff import DiffError, diff, layer_group, natural_key
+from rlsparsity.analysis.diff import cli as diff_cli
+from rlsparsity.contracts.layers import layer_prefix
 from rlsparsity.contracts.mask import read_mask
 
 TABLE6 = ["bitwise", "abs:1e-8,1e-7,1e-6,1e-5", "rel:1e-3"]
@@ -164,14 +165,14 @@ def test_known_counts_exact(known_pair: dict, workers: int, unit: int) -> None:
 def test_numba_kernel_gives_the_known_counts(known_pair: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Forcing the fused numba kernel (normally only for large bf16 pairs) changes nothing."""
     pytest.importorskip("numba")
-    from rlsparsity.analysis import diff as diff_mod
     from rlsparsity.analysis.criteria import numba_available
+    from rlsparsity.analysis.diff import engine
 
     if not numba_available():
         pytest.skip("numba kernel disabled or not compilable here")
     small = diff(known_pair["base"], known_pair["target"], TABLE6, workers=2)
     assert small.timing["kernel"] == "numpy"  # a few KB: not worth importing numba
-    monkeypatch.setattr(diff_mod, "NUMBA_MIN_BYTES_PER_WORKER", 0)
+    monkeypatch.setattr(engine, "NUMBA_MIN_BYTES_PER_WORKER", 0)
     for workers, unit in ((1, 64), (2, 1 << 20)):
         r = diff(known_pair["base"], known_pair["target"], TABLE6, workers=workers, unit_elems=unit)
         assert r.timing["kernel"] == "numba"
@@ -407,6 +408,47 @@ def test_grouping_helpers() -> None:
     assert layer_group("vision.blocks.3.attn.qkv") == "vision.blocks.3"
     assert layer_group("model.norm.weight") == "(no layer number)"
     assert sorted(["l.10.w", "l.2.w", "l.1.w"], key=natural_key) == ["l.1.w", "l.2.w", "l.10.w"]
+    # The rule lives in contracts.layers; unlike layer_of it groups any numbered container.
+    assert layer_prefix("transformer.resblocks.0.attn.c_proj.weight") == "transformer.resblocks.0"
+    assert layer_prefix("model.norm.weight") is None
+
+
+@pytest.mark.parametrize("workers,window", [(1, 3), (3, 1), (3, 4)])
+def test_bounded_map_is_ordered_and_bounded(workers: int, window: int) -> None:
+    """The engines' map: results in input order, at most ``window`` items taken ahead of the
+    consumer, and nothing left running when the consumer stops early."""
+    import threading
+    import time
+
+    from rlsparsity.analysis.parallel import bounded_map
+
+    lock = threading.Lock()
+    taken, running, peak = [0], [0], [0]
+
+    def items():
+        for i in range(30):
+            taken[0] += 1
+            yield i
+
+    def fn(i: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.001 * (i % 3))
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    out = []
+    for k, r in enumerate(bounded_map(fn, items(), workers, window)):
+        out.append(r)
+        assert taken[0] <= k + 1 + (window if workers > 1 else 0)
+    assert out == [i * i for i in range(30)]
+    assert peak[0] <= max(1, min(workers, window))
+    g = bounded_map(fn, items(), workers, window)
+    next(g)
+    g.close()
+    assert running[0] == 0
 
 
 def test_mlflow_logging(known_pair: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

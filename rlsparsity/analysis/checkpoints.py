@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from rlsparsity.analysis.criteria import STORAGE
+from rlsparsity.analysis.criteria_kernels import STORAGE
 
 # The mask format's chunk size (kept in sync with rlsparsity.contracts.mask.CHUNK_ELEMS, which
 # is not imported here so that listing and reading need neither pyarrow nor torch).

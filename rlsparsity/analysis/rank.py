@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rlsparsity.analysis.checkpoints import Reader, TensorInfo
+from rlsparsity.analysis.parallel import bounded_map
 
 DEFAULT_MAX_DIM = 32768
 
@@ -127,8 +127,9 @@ def update_rank(
         # One LAPACK thread per matrix, matrices in parallel: no oversubscription.
         torch.set_num_threads(1 if workers > 1 else threads)
         try:
-            with ThreadPoolExecutor(max(1, workers)) as ex:
-                outs = list(ex.map(lambda x: _rank_one(*x), args))
+            # Every matrix in flight at once, as before: results are small, and SVD times
+            # differ widely (k_proj vs up_proj), so a short window would idle threads.
+            outs = list(bounded_map(lambda x: _rank_one(*x), args, workers, len(args), name="rlsparsity-rank"))
         finally:
             torch.set_num_threads(threads)
     for out in outs:

@@ -1,4 +1,15 @@
-"""Grouping of Hugging Face state-dict keys into layers and matrix types."""
+"""Grouping of Hugging Face state-dict keys into layers and matrix types.
+
+Two layer rules, kept apart because their outputs are recorded (mask statistics, overlap
+tables, ``rlsparsity diff``'s JSON):
+
+- :func:`layer_of`: the block index of a known block container (``layers``, ``layer``,
+  ``h``, ``blocks``, ``block``), else the matrix type; used by the mask recorder and the
+  overlap tables, sorted with :func:`group_sort_key`.
+- :func:`layer_prefix`: the key up to its first numeric component, for any key; used by
+  ``rlsparsity diff``'s per-layer table, sorted with :func:`natural_key`. It also groups
+  keys whose container :func:`layer_of` does not know (``transformer.resblocks.0...``).
+"""
 
 from __future__ import annotations
 
@@ -42,3 +53,17 @@ def group_sort_key(key: str) -> tuple[int, int, str]:
     if key.isdigit():
         return (1, int(key), "")
     return (0 if key.startswith("embed") else 2, 0, key)
+
+
+def natural_key(name: str) -> tuple[str | int, ...]:
+    """Sort key that orders numbers numerically (``layers.2`` before ``layers.10``)."""
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", name)))
+
+
+def layer_prefix(name: str) -> str | None:
+    """The key's prefix up to its first all-digit component (``model.layers.3``), else None."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return None

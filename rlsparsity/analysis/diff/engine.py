@@ -1,52 +1,16 @@
-"""Update sparsity of a checkpoint pair, streamed and exact (``rlsparsity diff``).
-
-What is counted
-    n (``total``) is the number of elements of every tensor compared: embeddings, lm_head,
-    norms, buffers -- every named tensor stored in the checkpoint, each once. Excluded
-    tensors (``--allow-mismatch``) are not in n and are listed with their reason.
-    ``changed`` per criterion follows :mod:`rlsparsity.analysis.criteria` (``bitwise``,
-    ``abs:TOL``, ``rel:TOL``; NaN/±0/subnormal rules are stated there), and
-    sparsity = 1 − changed / n.
-
-Mismatches
-    A tensor whose shapes differ, or that exists on one side only, stops the diff with an
-    error naming every such tensor and both shapes. With ``allow_mismatch`` they are
-    excluded instead and reported in ``excluded``. Tensors whose dtypes differ are compared
-    in a common dtype (see ``criteria.common_dtypes``) and listed in ``notes``.
-
-Tied weights
-    When a side's config.json sets ``tie_word_embeddings``, its ``lm_head.weight`` is the
-    input embedding. A missing ``lm_head.weight`` is then not an error, and a stored copy is
-    verified to be byte-identical to the embedding (if it differs it is treated as an
-    ordinary tensor, with a note). If both sides tie, lm_head is counted once, through the
-    embedding, and the pair is listed in ``tied``. If only one side ties, that side's
-    embedding is compared against the other side's lm_head, which is a parameter of its own
-    there. (safetensors files cannot alias storage, so there are no other in-file ties.)
-
-How it runs
-    Each tensor is split into units of ``unit_elems`` elements (default 2**20, one mask
-    chunk); a unit reads its element range of both files with ``preadv`` into per-thread
-    buffers and runs the one-pass kernel for all criteria. Units run on a thread pool (the
-    kernel and the reads release the GIL) or as batched Ray tasks, and results are consumed
-    in order through a bounded window, so memory is a few units per worker (plus, with a
-    mask, one tensor's boolean mask while it is written). Tensors are processed in the base
-    checkpoint's storage order so reads are sequential.
-"""
+"""The diff's execution: units of work (read both ranges, count, pack mask bits, hash), run
+on threads or as batched Ray tasks, and the driver that folds their results in order into
+a DiffResult and the mask file (see the package docstring, "How it runs")."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from itertools import islice
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -56,7 +20,6 @@ from rlsparsity.analysis.checkpoints import (
     DTYPES,
     HASH_CHUNK_ELEMS,
     Checkpoint,
-    CheckpointError,
     Reader,
     TensorInfo,
     chunk_digest,
@@ -73,251 +36,12 @@ from rlsparsity.analysis.criteria import (
     numba_available,
     parse_criteria,
 )
+from rlsparsity.analysis.diff.plan import DiffError, Plan, plan_diff
+from rlsparsity.analysis.diff.result import DiffResult, TensorResult
+from rlsparsity.analysis.parallel import bounded_map, windowed
 
-RESULT_FORMAT = "rlsparsity.diff/1"
 UNIT_ELEMS = CHUNK_ELEMS
-NON_LAYER = "(no layer number)"
-EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
-HEAD_NAME = "lm_head.weight"
 RAY_BATCH_BYTES = 256 << 20
-
-
-class DiffError(ValueError):
-    """The pair cannot be compared as asked (mismatched tensors, bad options)."""
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key that orders layer numbers numerically (layers.2 before layers.10)."""
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", name)))
-
-
-def layer_group(name: str) -> str:
-    """The key's prefix up to its first numeric component (``model.layers.3``), else NON_LAYER."""
-    parts = name.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[: i + 1])
-    return NON_LAYER
-
-
-# ----------------------------------------------------------------------------- results
-
-
-@dataclass
-class TensorResult:
-    name: str
-    shape: tuple[int, ...]
-    numel: int
-    base_dtype: str
-    target_dtype: str
-    bitwise_dtype: str
-    compute_dtype: str
-    changed: dict[str, int]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "shape": list(self.shape),
-            "numel": self.numel,
-            "dtype": {"base": self.base_dtype, "target": self.target_dtype, "bitwise": self.bitwise_dtype, "compute": self.compute_dtype},
-            "changed": self.changed,
-            "sparsity": {k: _sparsity(v, self.numel) for k, v in self.changed.items()},
-        }
-
-
-@dataclass
-class Excluded:
-    name: str
-    reason: str
-    base_shape: tuple[int, ...] | None = None
-    target_shape: tuple[int, ...] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "reason": self.reason,
-            "base_shape": list(self.base_shape) if self.base_shape is not None else None,
-            "target_shape": list(self.target_shape) if self.target_shape is not None else None,
-        }
-
-
-def _sparsity(changed: int, total: int) -> float:
-    return 1.0 - changed / total if total else 1.0
-
-
-@dataclass
-class DiffResult:
-    base: dict[str, Any]
-    target: dict[str, Any]
-    criteria: list[Criterion]
-    tensors: list[TensorResult]
-    excluded: list[Excluded] = field(default_factory=list)
-    tied: list[list[str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    rank: Any = None  # rank.RankResult when computed
-    mask: str | None = None
-    timing: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return sum(t.numel for t in self.tensors)
-
-    def changed(self, criterion: Criterion | str) -> int:
-        key = str(criterion)
-        return sum(t.changed[key] for t in self.tensors)
-
-    def sparsity(self, criterion: Criterion | str) -> float:
-        return _sparsity(self.changed(criterion), self.total)
-
-    def per_layer(self) -> list[dict[str, Any]]:
-        """Totals grouped by :func:`layer_group`, layers in numeric order, non-layer last."""
-        groups: dict[str, dict[str, Any]] = {}
-        for t in self.tensors:
-            g = groups.setdefault(layer_group(t.name), {"tensors": 0, "numel": 0, "changed": dict.fromkeys(t.changed, 0)})
-            g["tensors"] += 1
-            g["numel"] += t.numel
-            for k, v in t.changed.items():
-                g["changed"][k] += v
-        order = sorted(groups, key=lambda g: (g == NON_LAYER, natural_key(g)))
-        return [
-            {"group": g, **groups[g], "sparsity": {k: _sparsity(v, groups[g]["numel"]) for k, v in groups[g]["changed"].items()}}
-            for g in order
-        ]
-
-    def to_dict(self) -> dict[str, Any]:
-        total = self.total
-        return {
-            "format": RESULT_FORMAT,
-            "base": self.base,
-            "target": self.target,
-            "total": total,
-            "criteria": {
-                str(c): {**c.to_meta(), "changed": self.changed(c), "sparsity": self.sparsity(c)} for c in self.criteria
-            },
-            "tensors": [t.to_dict() for t in sorted(self.tensors, key=lambda t: natural_key(t.name))],
-            "layers": self.per_layer(),
-            "excluded": [e.to_dict() for e in self.excluded],
-            "tied": self.tied,
-            "notes": self.notes,
-            "rank": self.rank.to_dict() if self.rank is not None else None,
-            "mask": self.mask,
-            "timing": self.timing,
-        }
-
-    def to_json(self, indent: int | None = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-
-# ----------------------------------------------------------------------------- plan
-
-
-@dataclass
-class PairPlan:
-    name: str
-    base: TensorInfo  # the stored tensor read on each side (an embedding for a tied lm_head)
-    target: TensorInfo
-
-
-@dataclass
-class Plan:
-    pairs: list[PairPlan]
-    excluded: list[Excluded]
-    tied: list[list[str]]
-    notes: list[str]
-
-
-def _same_bytes(reader: Reader, x: TensorInfo, y: TensorInfo, unit: int = 1 << 22) -> bool:
-    if x.dtype != y.dtype or x.shape != y.shape:
-        return False
-    return all(
-        np.array_equal(reader.read_bytes(x, s, min(unit, x.numel - s)), reader.read_bytes(y, s, min(unit, x.numel - s)))
-        for s in range(0, x.numel, unit)
-    )
-
-
-def _tie_aliases(ck: Checkpoint, label: str, reader: Reader, notes: list[str]) -> dict[str, str]:
-    """``{lm_head key: embedding key}`` for a side that declares tied embeddings."""
-    if not ck.tie_word_embeddings:
-        return {}
-    embeds = [n for n in ck.tensors if n.endswith(EMBED_SUFFIXES)]
-    if len(embeds) != 1:
-        notes.append(f"{label}: config ties word embeddings but no single input embedding was found ({embeds}); no tie applied")
-        return {}
-    emb = embeds[0]
-    heads = [n for n in ck.tensors if n.endswith(HEAD_NAME)] or [HEAD_NAME]
-    head = heads[0]
-    stored = ck.tensors.get(head)
-    if stored is not None and not _same_bytes(reader, stored, ck.tensors[emb]):
-        notes.append(f"{label}: config ties word embeddings but the stored {head} differs from {emb}; compared as a separate tensor")
-        return {}
-    return {head: emb}
-
-
-def plan_diff(base: Checkpoint, target: Checkpoint, *, allow_mismatch: bool = False, reader: Reader | None = None) -> Plan:
-    """Match tensors of both sides; raise DiffError on mismatches unless ``allow_mismatch``."""
-    own = reader is None
-    reader = reader or Reader()
-    notes: list[str] = []
-    try:
-        alias_b = _tie_aliases(base, "base", reader, notes)
-        alias_t = _tie_aliases(target, "target", reader, notes)
-    finally:
-        if own:
-            reader.close()
-
-    def resolve(ck: Checkpoint, alias: dict[str, str], name: str) -> TensorInfo | None:
-        if name in alias:
-            return ck.tensors[alias[name]]
-        return ck.tensors.get(name)
-
-    names = set(base.tensors) | set(alias_b) | set(target.tensors) | set(alias_t)
-    pairs, excluded, tied, problems = [], [], [], []
-    for name in sorted(names, key=natural_key):
-        if name in alias_b and name in alias_t:
-            tied.append([alias_b[name], name])
-            continue
-        a, b = resolve(base, alias_b, name), resolve(target, alias_t, name)
-        if a is None or b is None:
-            side = "base" if a is not None else "target"
-            shape = (a or b).shape
-            reason = f"only in {side} (shape {list(shape)})"
-            excluded.append(Excluded(name, reason, a.shape if a else None, b.shape if b else None))
-            problems.append(f"{name}: {reason}")
-        elif a.shape != b.shape:
-            reason = f"shape mismatch: base {list(a.shape)} vs target {list(b.shape)}"
-            excluded.append(Excluded(name, reason, a.shape, b.shape))
-            problems.append(f"{name}: {reason}")
-        elif a.dtype not in DTYPES or b.dtype not in DTYPES:
-            reason = f"unsupported dtype: base {a.dtype} vs target {b.dtype}"
-            excluded.append(Excluded(name, reason, a.shape, b.shape))
-            problems.append(f"{name}: {reason}")
-        else:
-            for side, alias in (("base", alias_b), ("target", alias_t)):
-                if name in alias:
-                    notes.append(f"{name}: tied to {alias[name]} in {side} only; compared as that embedding")
-            pairs.append(PairPlan(name, a, b))
-    if problems and not allow_mismatch:
-        shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
-        hint = ""
-        if any("lm_head" in p and "only in" in p for p in problems):
-            hint = "\nIf the model ties lm_head to the input embedding, its config.json should set tie_word_embeddings."
-        raise DiffError(
-            f"{len(problems)} tensor(s) cannot be compared:\n  {shown}{hint}\n"
-            "Use --allow-mismatch to exclude them (they are then listed under 'excluded' and not counted in n)."
-        )
-    file_order = {str(f): i for i, f in enumerate(base.files)}
-    pairs.sort(key=lambda p: (file_order.get(p.base.file, len(file_order)), p.base.offset, natural_key(p.name)))
-    mixed = [p for p in pairs if p.base.dtype != p.target.dtype]
-    if mixed:
-        kinds = sorted({(p.base.dtype, p.target.dtype) for p in mixed})
-        desc = ", ".join(
-            f"{x}->{y} (bitwise in {common_dtypes(DTYPES[x], DTYPES[y])[0]})" for x, y in kinds
-        )
-        notes.append(f"{len(mixed)} tensor(s) have different dtypes on the two sides: {desc}; e.g. {mixed[0].name}")
-    return Plan(pairs=pairs, excluded=excluded, tied=tied, notes=notes)
-
-
-# ----------------------------------------------------------------------------- units
 
 
 @dataclass
@@ -422,26 +146,7 @@ def _run_task(t: _Task, criteria: Sequence[Criterion], reader: Reader, backend: 
     return _Out(*head, cmp.counts, bits, da, db, nbytes, (cmp.bitwise_dtype, cmp.compute_dtype))
 
 
-def _ordered(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, window: int) -> Iterator[Any]:
-    """``map(fn, items)`` on a thread pool, yielding in order with at most ``window`` in flight."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    it = iter(items)
-    with ThreadPoolExecutor(workers, thread_name_prefix="rlsparsity-diff") as ex:
-        pending = deque(ex.submit(fn, x) for x in islice(it, window))
-        try:
-            while pending:
-                res = pending.popleft().result()
-                for x in islice(it, 1):
-                    pending.append(ex.submit(fn, x))
-                yield res
-        finally:
-            for f in pending:
-                f.cancel()
-
-
-# Ray: tasks are JSON-like dicts so workers need nothing but this module and the files.
+# Ray: tasks are JSON-like dicts so workers need nothing but this package and the files.
 
 
 def _task_to_dict(t: _Task) -> dict[str, Any]:
@@ -483,12 +188,7 @@ def _ray_ordered(tasks: Iterable[_Task], criteria: Sequence[Criterion]) -> Itera
         if batch:
             yield batch
 
-    it = batches()
-    pending = deque(remote.remote(b, crit) for b in islice(it, window))
-    while pending:
-        res = ray.get(pending.popleft())
-        for b in islice(it, 1):
-            pending.append(remote.remote(b, crit))
+    for res in windowed(lambda b: remote.remote(b, crit), batches(), window, ray.get):
         for d in res:
             d["dtypes"] = tuple(d["dtypes"]) if d["dtypes"] else None
             yield _Out(**d)
@@ -513,7 +213,7 @@ def diff_checkpoints(
     unit_elems: int = UNIT_ELEMS,
     progress: Callable[[int], None] | None = None,
 ) -> DiffResult:
-    """Diff two resolved checkpoints. See the module docstring for what is counted.
+    """Diff two resolved checkpoints. See the package docstring for what is counted.
 
     ``mask_path`` writes the mask of the first criterion (``rlsparsity.mask/1``).
     ``content_hash`` (default: on when a mask is written) digests both sides while reading.
@@ -592,7 +292,9 @@ def diff_checkpoints(
                 started_ray = True
             outs = _ray_ordered(tasks(), crits)
         else:
-            outs = _ordered(lambda t: _run_task(t, crits, reader, backend), tasks(), workers, 2 * workers + 2)
+            outs = bounded_map(
+                lambda t: _run_task(t, crits, reader, backend), tasks(), workers, 2 * workers + 2, name="rlsparsity-diff"
+            )
 
         needs_torch = any(x.dtype in _TORCH_CODES for p in plan.pairs for x in (p.base, p.target))
         with _single_threaded_torch(needs_torch):
@@ -727,18 +429,3 @@ def diff(
     b = open_checkpoint(base, revision=base_revision, cache_dir=cache_dir, label="base")
     t = open_checkpoint(target, revision=target_revision, cache_dir=cache_dir, label="target")
     return diff_checkpoints(b, t, criteria, **kwargs)
-
-
-__all__ = [
-    "CheckpointError",
-    "DiffError",
-    "DiffResult",
-    "Excluded",
-    "Plan",
-    "TensorResult",
-    "diff",
-    "diff_checkpoints",
-    "layer_group",
-    "natural_key",
-    "plan_diff",
-]

@@ -15,6 +15,7 @@ from typing import Any
 
 from rlsparsity.analysis.checkpoints import CheckpointError
 from rlsparsity.analysis.criteria import DEFAULT_CRITERIA, CriterionError, parse_criteria
+from rlsparsity.contracts.layers import natural_key
 from rlsparsity.contracts.mlflow_layout import DEFAULT_TRACKING_URI, DIFF_DIR, KIND_DIFF, KIND_TAG
 
 DEFAULT_EXPERIMENT = "rlsparsity-diff"
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``rlsparsity diff``; returns the exit code (0 ok, 1 error)."""
     from rich.console import Console
 
-    from rlsparsity.analysis.diff import DiffError
+    from rlsparsity.analysis.diff.plan import DiffError
 
     to_stdout = args.json_out == "-"
     # Tables are wide; when piped, rich would wrap them at 80 columns.
@@ -126,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, console: Any, err: Any) -> int:
     from rlsparsity.analysis.checkpoints import open_checkpoint
-    from rlsparsity.analysis.diff import diff_checkpoints
+    from rlsparsity.analysis.diff.engine import diff_checkpoints
+    from rlsparsity.analysis.parallel import byte_progress
 
     criteria = parse_criteria(args.criteria) if args.criteria else list(DEFAULT_CRITERIA)
     base = open_checkpoint(args.base, revision=args.base_revision or args.revision, cache_dir=args.cache_dir, label="base")
@@ -146,23 +148,8 @@ def _run(args: argparse.Namespace, console: Any, err: Any) -> int:
             ray_address=args.ray_address,
         )
         show_progress = not (args.quiet or args.no_progress) and err.is_terminal
-        if show_progress:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            with Progress(
-                "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                TimeRemainingColumn(), console=err, transient=True,
-            ) as prog:
-                task = prog.add_task("diff", total=base.nbytes + target.nbytes)
-                result = diff_checkpoints(base, target, criteria, progress=lambda n: prog.advance(task, n), **kwargs)
-        else:
-            result = diff_checkpoints(base, target, criteria, **kwargs)
+        with byte_progress(show_progress, base.nbytes + target.nbytes, "diff", console=err, transient=True) as advance:
+            result = diff_checkpoints(base, target, criteria, progress=advance if show_progress else None, **kwargs)
 
         text = result.to_json()
         if args.json_out == "-":
@@ -208,7 +195,7 @@ def print_result(result: Any, console: Any, *, per_tensor: bool = False, per_lay
             tab.add_column(col, justify="right" if col == "numel" else "left", no_wrap=True)
         for k in keys:
             tab.add_column(k, justify="right", no_wrap=True)
-        for r in sorted(result.tensors, key=lambda r: _nat(r.name)):
+        for r in sorted(result.tensors, key=lambda r: natural_key(r.name)):
             dt = r.base_dtype if r.base_dtype == r.target_dtype else f"{r.base_dtype}->{r.target_dtype}"
             tab.add_row(r.name, "x".join(map(str, r.shape)), dt, f"{r.numel:,}", *(_pct(1 - r.changed[k] / r.numel if r.numel else 1) for k in keys))
         console.print(tab)
@@ -260,12 +247,6 @@ def print_result(result: Any, console: Any, *, per_tensor: bool = False, per_lay
         )
     if result.mask:
         console.print(f"mask ({keys[0]}) -> {result.mask}", highlight=False)
-
-
-def _nat(name: str) -> tuple:
-    from rlsparsity.analysis.diff import natural_key
-
-    return natural_key(name)
 
 
 def _metric_key(text: str) -> str:
@@ -321,7 +302,7 @@ def log_mlflow(result: Any, args: argparse.Namespace, *, json_path: Path, mask_p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (``python -m rlsparsity.analysis.diff_cli BASE TUNED ...``)."""
+    """Standalone entry point (``python -m rlsparsity.analysis.diff.cli BASE TUNED ...``)."""
     parser = argparse.ArgumentParser(prog="rlsparsity")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)

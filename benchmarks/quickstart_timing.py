@@ -17,7 +17,13 @@ import statistics
 
 from mlflow.tracking import MlflowClient
 
-from rlsparsity.contracts.mlflow_layout import KIND_ANALYSIS, KIND_SWEEP, KIND_TAG, KIND_TRIAL, PARENT_TAG
+from rlsparsity.contracts.mlflow_layout import (
+    KIND_ANALYSIS,
+    KIND_SWEEP,
+    KIND_TAG,
+    KIND_TRIAL,
+    PARENT_TAG,
+)
 
 
 def _times(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, int, float]]:

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from rlsparsity.analysis import overlap as ov
 from rlsparsity.analysis.overlap import OverlapError, compute_overlap, plan_ranges
+from rlsparsity.analysis.overlap import engine as ov
 from rlsparsity.contracts.layers import layer_of, matrix_type
 from rlsparsity.contracts.mask import CHUNK_ELEMS, MaskError, MaskWriter
 

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from rlsparsity.analysis.overlap import OverlapError, compute_overlap, plan_ranges
-from rlsparsity.analysis.overlap import engine as ov
+from rlsparsity.analysis import overlap as ov
+from rlsparsity.analysis.overlap import OverlapError, compute_overlap, engine, kernels, plan_ranges
 from rlsparsity.contracts.layers import layer_of, matrix_type
 from rlsparsity.contracts.mask import CHUNK_ELEMS, MaskError, MaskWriter
 
@@ -136,7 +136,7 @@ def test_matches_brute_force(mask_set) -> None:
 def test_numba_kernel_matches_numpy(n: int, n_new: int, w: int, seg: list[int] | None) -> None:
     """The register-blocked numba kernel and the numpy reference agree exactly."""
     pytest.importorskip("numba")
-    if ov._numba_kernels() is None:
+    if kernels._numba_kernels() is None:
         pytest.skip("numba kernel disabled or not compilable here")
     rng = np.random.default_rng(n * 1000 + w)
     X = rng.integers(0, 2**64, size=(n, w), dtype=np.uint64, endpoint=False)
@@ -166,7 +166,7 @@ def test_numpy_path_matches_brute_force(mask_set, tmp_path, monkeypatch) -> None
     from rlsparsity import numba_jit
 
     monkeypatch.setitem(numba_jit._COMPILED, "overlap", None)  # as RLSPARSITY_NUMBA=0 leaves it
-    assert ov._numba_kernels() is None
+    assert kernels._numba_kernels() is None
     res = compute_overlap(paths, labels_for(paths), use_ray=False, use_cache=False)
     total, per_tensor = brute_force(arrays)
     np.testing.assert_array_equal(res.tensor_inter, per_tensor)
@@ -251,8 +251,8 @@ def test_incremental_cache(mask_set, tmp_path, monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("mask read")
 
-    monkeypatch.setattr(ov, "overlap_task", boom)
-    monkeypatch.setattr(ov, "_read_layout", boom)
+    monkeypatch.setattr(engine, "overlap_task", boom)
+    monkeypatch.setattr(engine, "_read_layout", boom)
     third = compute_overlap(paths[4::-1], labels[4::-1], use_ray=False, cache_dir=tmp_path)
     assert third.stats["bytes_read"] == 0 and third.stats["pairs_cached"] == 10
     np.testing.assert_array_equal(third.tensor_inter, per_tensor[:, ::-1, ::-1])

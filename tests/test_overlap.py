@@ -225,6 +225,11 @@ def test_ray_matches_local(mask_set, ray_session, tmp_path) -> None:
     total, per_tensor = brute_force(arrays)
     np.testing.assert_array_equal(res.tensor_inter, per_tensor)
     assert res.stats["tasks"] >= 2 and res.stats["bytes_read"] == seen[-1][0] == seen[-1][1]
+    # A task's verification error reaches the caller as the MaskError it is.
+    bad = tmp_path / "bad.arrow"
+    _rewrite(paths[1], bad, flip=True, fix_changed=False)
+    with pytest.raises(MaskError, match="bad .*'changed' does not match its bits"):
+        compute_overlap([paths[0], bad], ["good", "bad"], use_ray=True, workers=2, use_cache=False)
 
 
 def test_plan_ranges() -> None:
@@ -327,6 +332,19 @@ def test_tampered_mask_rejected(mask_set, tmp_path) -> None:
     _rewrite(paths[1], bad2, flip=True, fix_changed=False)
     with pytest.raises(MaskError, match="'changed' does not match"):
         compute_overlap([paths[0], bad2], ["good", "bad2"], use_ray=False, use_cache=False)
+    # Chunk shapes are checked from the small columns, before any bits are read.
+    bad3 = tmp_path / "bad3.arrow"
+    with pa.memory_map(str(paths[1])) as f:
+        table = pa.ipc.open_file(f).read_all()
+    offset = table.column("offset").to_pylist()
+    offset[-1] += 1
+    table = table.set_column(
+        table.schema.get_field_index("offset"), "offset", pa.array(offset, pa.int64())
+    )
+    with pa.OSFile(str(bad3), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    with pytest.raises(MaskError, match="bad3 .*'lm_head.weight' chunk 0: malformed chunk"):
+        compute_overlap([paths[0], bad3], ["good", "bad3"], use_ray=False, use_cache=False)
     # A file verified once and then modified in place is verified again.
     victim = tmp_path / "victim.arrow"
     victim.write_bytes(paths[1].read_bytes())

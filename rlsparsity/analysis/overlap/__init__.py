@@ -7,12 +7,15 @@ docs/DESIGN.md ("Metrics"). The modules, in the order the work runs:
 - ``engine``: ``compute_overlap``. Reads every mask's metadata first (footer only) and
   fails on incompatible inputs before touching any bits; looks the pairs up in the cache
   and, for the missing ones, runs the tasks and verifies what they read.
-- ``layout``: the small columns of every file, joined on (tensor, chunk); no bits.
+- ``layout``: the small columns of every file, joined on (tensor, chunk), chunk shapes
+  checked; no bits.
 - ``planner``: the rows cut into contiguous ranges, one task each, sized from the work
   (N*P/8 bytes read and hashed, N(N+1)/2 * P/64 word popcounts) and measured rates.
 - ``task``: one range; memory-maps the N files, copies each chunk's bits into one (N, W)
-  uint64 block and computes all pairs at once with ``kernels``. It digests the rows it
-  reads, so the driver verifies every checksum while the bits are read exactly once.
+  uint64 block and computes all pairs at once with ``kernels``. It checks the rows it
+  reads ('changed' against the popcounts the kernels count anyway) and digests those of
+  the masks being verified, so the driver verifies every checksum while the bits are read
+  once. The rules are ``rlsparsity.contracts.mask``'s, the ones ``read_mask`` applies.
 - ``cache``: results per pair of mask checksums (Arrow files), so adding a run computes
   only its pairs, and re-running with nothing new reads no bits at all.
 - ``result``: ``OverlapResult``, its groupings, metrics and serialisations.

@@ -21,8 +21,9 @@ from rlsparsity.analysis.overlap.result import DEFAULT_FACTORS, OverlapResult, _
 from rlsparsity.analysis.overlap.task import overlap_task
 from rlsparsity.contracts.mask import (
     MaskError,
+    check_checksum,
     check_compatible,
-    combine_digests,
+    check_totals,
     read_meta,
 )
 
@@ -117,13 +118,8 @@ def compute_overlap(
             c = np.zeros(len(names), dtype=np.int64)
             np.add.at(c, plan.row_tensor, lay.changed[plan.file_row[m]])
             run_counts[m] = c
-            if int(c.sum()) != int(metas[m]["total_changed"]) or int(lay.length.sum()) != int(
-                metas[m]["total_elems"]
-            ):
-                raise MaskError(
-                    f"{labels[m]} ({paths[m]}): totals in metadata ({metas[m]['total_changed']}/{metas[m]['total_elems']}) "
-                    f"do not match the rows ({int(c.sum())}/{int(lay.length.sum())})"
-                )
+            where = f"{labels[m]} ({paths[m]})"
+            check_totals(int(c.sum()), int(lay.length.sum()), metas[m], where=where)
     assert names is not None and numel is not None and layout_hash is not None
     T = len(names)
     tinter = np.zeros((T, n, n), dtype=np.int64)
@@ -247,7 +243,7 @@ def _run_tasks(
     progress: bool | ProgressFn,
     stats: dict[str, Any],
 ) -> np.ndarray:
-    """Run the chunk-range tasks; verify popcounts and checksums; return (T, n_new, N) counts.
+    """Run the chunk-range tasks (they check rows), verify checksums; return (T, n_new, N) counts.
 
     ``order[k]`` is the input index of stack position k; every other list is in stack order.
     """
@@ -256,6 +252,7 @@ def _run_tasks(
     layouts = [plan.layouts[k] for k in order]
     batch = np.stack([lay.batch[file_row[k]] for k, lay in enumerate(layouts)])
     in_batch = np.stack([lay.in_batch[file_row[k]] for k, lay in enumerate(layouts)])
+    changed = np.stack([lay.changed[file_row[k]] for k, lay in enumerate(layouts)])
     words = (plan.row_nbytes + 7) // 8
 
     if use_ray:
@@ -273,10 +270,16 @@ def _run_tasks(
             "r0": r0,
             "r1": r1,
             "paths": paths,
+            "labels": labels,
             "batch": batch[:, r0:r1],
             "in_batch": in_batch[:, r0:r1],
+            "changed": changed[:, r0:r1],
             "nbytes": plan.row_nbytes[r0:r1],
             "row_tensor": plan.row_tensor[r0:r1],
+            "chunk": plan.row_chunk[r0:r1],
+            "tensor_names": {
+                int(t): plan.tensor_names[t] for t in np.unique(plan.row_tensor[r0:r1])
+            },
             "n_new": n_new,
             "verify": verify,
         }
@@ -288,21 +291,12 @@ def _run_tasks(
     T = len(plan.tensor_names)
     R = len(plan.row_tensor)
     inter = np.zeros((T, n_new, n), dtype=np.int64)
-    popc = np.zeros((R, n), dtype=np.int64)
     vidx = [k for k in range(n) if verify[k]]
     digests = np.zeros((R, len(vidx), 16), dtype=np.uint8)
 
     def absorb(out: dict[str, Any]) -> None:
-        r0, r1 = out["r0"], out["r1"]
-        if out["problems"]:
-            k, r, got = out["problems"][0]
-            t = plan.tensor_names[int(plan.row_tensor[r0 + r])]
-            raise MaskError(
-                f"{labels[k]} ({paths[k]}): tensor {t!r}: chunk has {got} bytes of bits, expected {int(plan.row_nbytes[r0 + r])}"
-            )
         inter[out["tensors"]] += out["inter"]
-        popc[r0:r1] = out["popc"]
-        digests[r0:r1] = out["digests"]
+        digests[out["r0"] : out["r1"]] = out["digests"]
         stats["bytes_read"] += out["bytes"]
         stats["task_s"] += out["task_s"]
         stats["task_cpu_s"] += out["cpu_s"]
@@ -338,23 +332,9 @@ def _run_tasks(
                 absorb(out)
                 advance(out["bytes"])
 
-    # Verification: popcounts against the 'changed' column, checksums in file row order.
-    for k in range(n):
-        if k >= n_new and not verify[k]:
-            continue  # not popcounted: verified in an earlier analysis
-        lay = layouts[k]
-        bad = np.flatnonzero(popc[:, k] != lay.changed[file_row[k]])
-        if len(bad):
-            r = int(bad[0])
-            raise MaskError(
-                f"{labels[k]} ({paths[k]}): tensor {plan.tensor_names[int(plan.row_tensor[r])]!r} chunk "
-                f"{int(lay.chunk[file_row[k][r]])}: 'changed' does not match its bits"
-            )
+    # The tasks checked every row; the checksums need the digests in file row order.
     for v, k in enumerate(vidx):
         ordered = np.empty((R, 16), dtype=np.uint8)
         ordered[file_row[k]] = digests[:, v]
-        if combine_digests([bytes(d) for d in ordered]) != metas[k]["checksum"]:
-            raise MaskError(
-                f"{labels[k]} ({paths[k]}): checksum mismatch: the bits were modified or the file is corrupt"
-            )
+        check_checksum([bytes(d) for d in ordered], metas[k], where=f"{labels[k]} ({paths[k]})")
     return inter

@@ -1,20 +1,19 @@
-"""The small columns (tensor, chunk, length, changed) of every mask file, read through a
-memory map without touching the bits, and their join on (tensor, chunk) across masks."""
+"""The small columns of every mask file (all but the bits, whose sizes come from the bits
+column's offsets), read through a memory map, and their join on (tensor, chunk) across masks."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from rlsparsity.contracts.mask import MaskError
-
-_BITS_COL = "bits"
+from rlsparsity.contracts.mask import MaskError, bits_offsets, check_chunks, open_reader
 
 
 @dataclass
@@ -24,20 +23,21 @@ class _Layout:
     tensor: list[str]
     shape: dict[str, list[int]]
     chunk: np.ndarray
+    offset: np.ndarray
     length: np.ndarray
-    nbytes: np.ndarray
+    nbytes: np.ndarray  # bytes of bits, from the bits column's offsets
     changed: np.ndarray
-    batch: np.ndarray
-    in_batch: np.ndarray
+    batch: np.ndarray  # record batch of each row
+    in_batch: np.ndarray  # row index within it
 
 
 def _read_layout(path: str, label: str) -> _Layout:
     try:
         with pa.memory_map(path) as src:
-            reader = pa.ipc.open_file(src)
+            reader, _ = open_reader(src, path)
             tensors: list[str] = []
             shapes: dict[str, list[int]] = {}
-            chunk, length, nbytes, changed, batch, in_batch = [], [], [], [], [], []
+            chunk, offset, length, nbytes, changed, batch, in_batch = [], [], [], [], [], [], []
             for b in range(reader.num_record_batches):
                 rb = reader.get_batch(b)
                 if rb.num_rows == 0:
@@ -47,16 +47,15 @@ def _read_layout(path: str, label: str) -> _Layout:
                 for name, shp in zip(names, rb.column("shape").to_pylist(), strict=True):
                     shapes.setdefault(name, shp)
                 chunk.append(rb.column("chunk").to_numpy())
+                offset.append(rb.column("offset").to_numpy())
                 length.append(rb.column("length").to_numpy())
                 changed.append(rb.column("changed").to_numpy())
-                bits = rb.column(_BITS_COL)
-                offs = np.frombuffer(
-                    bits.buffers()[1], dtype=np.int32, count=len(bits) + 1, offset=4 * bits.offset
-                )
-                nbytes.append(np.diff(offs).astype(np.int64))
+                nbytes.append(np.diff(bits_offsets(rb)[0]).astype(np.int64))
                 batch.append(np.full(rb.num_rows, b, dtype=np.int32))
                 in_batch.append(np.arange(rb.num_rows, dtype=np.int32))
-    except (pa.ArrowInvalid, OSError, KeyError) as e:
+    except MaskError as e:
+        raise MaskError(f"{label}: {e}") from e
+    except (pa.ArrowInvalid, OSError) as e:
         raise MaskError(f"{label} ({path}): not a readable mask file ({e})") from e
 
     def cat(xs: list[np.ndarray], dtype: Any) -> np.ndarray:
@@ -66,6 +65,7 @@ def _read_layout(path: str, label: str) -> _Layout:
         tensor=tensors,
         shape=shapes,
         chunk=cat(chunk, np.int64),
+        offset=cat(offset, np.int64),
         length=cat(length, np.int64),
         nbytes=cat(nbytes, np.int64),
         changed=cat(changed, np.int64),
@@ -81,6 +81,7 @@ class _Plan:
     tensor_names: list[str]
     tensor_numel: np.ndarray
     row_tensor: np.ndarray  # (R,) tensor index
+    row_chunk: np.ndarray  # (R,) chunk index within the tensor
     row_nbytes: np.ndarray  # (R,)
     file_row: np.ndarray  # (N, R): row index in each mask's file
     layouts: list[_Layout]
@@ -90,13 +91,8 @@ class _Plan:
 def _join(layouts: list[_Layout], labels: list[str], paths: list[str], chunk_elems: int) -> _Plan:
     ref = layouts[0]
     for lay, label, path in zip(layouts, labels, paths, strict=True):
-        bad = (lay.length > chunk_elems) | (lay.nbytes != (lay.length + 7) // 8) | (lay.length < 0)
-        if bad.any():
-            r = int(np.flatnonzero(bad)[0])
-            raise MaskError(
-                f"{label} ({path}): tensor {lay.tensor[r]!r} chunk {int(lay.chunk[r])}: malformed chunk "
-                f"(length {int(lay.length[r])}, {int(lay.nbytes[r])} bytes of bits)"
-            )
+        where = _row_where(label, path, lay.tensor, lay.chunk)
+        check_chunks(lay.length, lay.nbytes, chunk_elems, offset=lay.offset, where=where)
     names = list(dict.fromkeys(ref.tensor))
     tindex = {t: k for k, t in enumerate(names)}
     numel = np.zeros(len(names), dtype=np.int64)
@@ -146,6 +142,7 @@ def _join(layouts: list[_Layout], labels: list[str], paths: list[str], chunk_ele
         tensor_names=names,
         tensor_numel=numel,
         row_tensor=row_tensor,
+        row_chunk=ref.chunk,
         row_nbytes=ref.nbytes,
         file_row=file_row,
         layouts=layouts,
@@ -155,3 +152,10 @@ def _join(layouts: list[_Layout], labels: list[str], paths: list[str], chunk_ele
 
 def _layout_hash(names: list[str], shapes: list[list[int]]) -> str:
     return hashlib.blake2b(json.dumps([names, shapes]).encode(), digest_size=12).hexdigest()
+
+
+def _row_where(
+    label: str, path: str, tensor: list[str], chunk: np.ndarray, first: int = 0
+) -> Callable[[int], str]:
+    """Names row ``first + r`` of ``tensor``/``chunk`` in error messages (``contracts.mask``'s ``where``)."""
+    return lambda r: f"{label} ({path}): tensor {tensor[first + r]!r} chunk {int(chunk[first + r])}"

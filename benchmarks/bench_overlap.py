@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rlsparsity.analysis.overlap import _numba_kernels, compute_overlap, pair_counts
+from rlsparsity.analysis.overlap import compute_overlap, pair_counts
+from rlsparsity.analysis.overlap.kernels import _numba_kernels
 from rlsparsity.contracts.mask import MaskWriter, read_mask
 
 GEN_VERSION = 1

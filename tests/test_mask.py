@@ -117,6 +117,19 @@ def test_inconsistent_changed_column_is_rejected(tmp_path):
         read_mask(tmp_path / "bad.arrow")
 
 
+def test_malformed_chunk_is_rejected(tmp_path):
+    src = write(tmp_path / "m.arrow", hand_built())
+
+    def shift(table, meta):
+        rows = table.to_pylist()
+        rows[1]["offset"] += 8  # 'b' chunk 0 no longer starts on a chunk boundary
+        return pa.Table.from_pylist(rows, schema=table.schema), meta
+
+    _rewrite(src, tmp_path / "bad.arrow", shift)
+    with pytest.raises(MaskError, match="tensor 'b' at offset 8: malformed chunk"):
+        read_mask(tmp_path / "bad.arrow")
+
+
 def test_truncated_file_is_rejected(tmp_path):
     src = write(tmp_path / "m.arrow", hand_built())
     data = src.read_bytes()

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from rlsparsity.analysis import overlap as ov
-from rlsparsity.analysis.overlap import OverlapError, compute_overlap, plan_ranges
+from rlsparsity.analysis.overlap import OverlapError, compute_overlap, engine, kernels, plan_ranges
 from rlsparsity.contracts.layers import layer_of, matrix_type
 from rlsparsity.contracts.mask import CHUNK_ELEMS, MaskError, MaskWriter
 
@@ -136,7 +136,7 @@ def test_matches_brute_force(mask_set) -> None:
 def test_numba_kernel_matches_numpy(n: int, n_new: int, w: int, seg: list[int] | None) -> None:
     """The register-blocked numba kernel and the numpy reference agree exactly."""
     pytest.importorskip("numba")
-    if ov._numba_kernels() is None:
+    if kernels._numba_kernels() is None:
         pytest.skip("numba kernel disabled or not compilable here")
     rng = np.random.default_rng(n * 1000 + w)
     X = rng.integers(0, 2**64, size=(n, w), dtype=np.uint64, endpoint=False)
@@ -166,7 +166,7 @@ def test_numpy_path_matches_brute_force(mask_set, tmp_path, monkeypatch) -> None
     from rlsparsity import numba_jit
 
     monkeypatch.setitem(numba_jit._COMPILED, "overlap", None)  # as RLSPARSITY_NUMBA=0 leaves it
-    assert ov._numba_kernels() is None
+    assert kernels._numba_kernels() is None
     res = compute_overlap(paths, labels_for(paths), use_ray=False, use_cache=False)
     total, per_tensor = brute_force(arrays)
     np.testing.assert_array_equal(res.tensor_inter, per_tensor)
@@ -225,6 +225,11 @@ def test_ray_matches_local(mask_set, ray_session, tmp_path) -> None:
     total, per_tensor = brute_force(arrays)
     np.testing.assert_array_equal(res.tensor_inter, per_tensor)
     assert res.stats["tasks"] >= 2 and res.stats["bytes_read"] == seen[-1][0] == seen[-1][1]
+    # A task's verification error reaches the caller as the MaskError it is.
+    bad = tmp_path / "bad.arrow"
+    _rewrite(paths[1], bad, flip=True, fix_changed=False)
+    with pytest.raises(MaskError, match="bad .*'changed' does not match its bits"):
+        compute_overlap([paths[0], bad], ["good", "bad"], use_ray=True, workers=2, use_cache=False)
 
 
 def test_plan_ranges() -> None:
@@ -251,8 +256,8 @@ def test_incremental_cache(mask_set, tmp_path, monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("mask read")
 
-    monkeypatch.setattr(ov, "overlap_task", boom)
-    monkeypatch.setattr(ov, "_read_layout", boom)
+    monkeypatch.setattr(engine, "overlap_task", boom)
+    monkeypatch.setattr(engine, "_read_layout", boom)
     third = compute_overlap(paths[4::-1], labels[4::-1], use_ray=False, cache_dir=tmp_path)
     assert third.stats["bytes_read"] == 0 and third.stats["pairs_cached"] == 10
     np.testing.assert_array_equal(third.tensor_inter, per_tensor[:, ::-1, ::-1])
@@ -327,6 +332,19 @@ def test_tampered_mask_rejected(mask_set, tmp_path) -> None:
     _rewrite(paths[1], bad2, flip=True, fix_changed=False)
     with pytest.raises(MaskError, match="'changed' does not match"):
         compute_overlap([paths[0], bad2], ["good", "bad2"], use_ray=False, use_cache=False)
+    # Chunk shapes are checked from the small columns, before any bits are read.
+    bad3 = tmp_path / "bad3.arrow"
+    with pa.memory_map(str(paths[1])) as f:
+        table = pa.ipc.open_file(f).read_all()
+    offset = table.column("offset").to_pylist()
+    offset[-1] += 1
+    table = table.set_column(
+        table.schema.get_field_index("offset"), "offset", pa.array(offset, pa.int64())
+    )
+    with pa.OSFile(str(bad3), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    with pytest.raises(MaskError, match="bad3 .*'lm_head.weight' chunk 0: malformed chunk"):
+        compute_overlap([paths[0], bad3], ["good", "bad3"], use_ray=False, use_cache=False)
     # A file verified once and then modified in place is verified again.
     victim = tmp_path / "victim.arrow"
     victim.write_bytes(paths[1].read_bytes())

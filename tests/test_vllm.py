@@ -58,7 +58,7 @@ def vllm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engine(vllm_model_dir: Path):
     import time
 
-    from rlsparsity.analysis.overlap import _numba_kernels
+    from rlsparsity.analysis.overlap.kernels import _numba_kernels
     from rlsparsity.platform.vllm_engine import VLLMEngine
 
     # The analysis kernels load llvmlite in this process first, as a test run or a reused

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,10 +59,12 @@ class MaskError(ValueError):
 
 
 def row_digest(bits: bytes | memoryview) -> bytes:
+    """The 16-byte digest of one row's bits."""
     return hashlib.blake2b(bits, digest_size=16).digest()
 
 
-def combine_digests(digests: list[bytes]) -> str:
+def combine_digests(digests: Sequence[bytes]) -> str:
+    """The file checksum from its row digests, in file row order."""
     return "blake2b:" + hashlib.blake2b(b"".join(digests), digest_size=32).hexdigest()
 
 
@@ -246,15 +248,25 @@ class Mask:
         return {k: (v[0], v[1]) for k, v in out.items()}
 
 
+def open_reader(
+    source: pa.NativeFile, path: str | os.PathLike
+) -> tuple[pa.ipc.RecordBatchFileReader, dict[str, Any]]:
+    """Open the mask file on ``source`` (a memory map of ``path``): its reader and its
+    validated metadata. Only the footer is read, no bits."""
+    try:
+        reader = pa.ipc.open_file(source)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise MaskError(f"{path}: not a readable Arrow IPC mask file, truncated or corrupt ({e})") from e
+    return reader, _parse_meta(Path(path), reader.schema)
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate only the schema metadata (no bits are touched)."""
-    path = Path(path)
     try:
         with pa.memory_map(str(path)) as src:
-            schema = pa.ipc.open_file(src).schema
-    except (pa.ArrowInvalid, OSError) as e:
+            return open_reader(src, path)[1]
+    except OSError as e:
         raise MaskError(f"{path}: not a readable Arrow IPC mask file ({e})") from e
-    return _parse_meta(path, schema)
 
 
 def _parse_meta(path: Path, schema: pa.Schema) -> dict[str, Any]:
@@ -274,51 +286,117 @@ def _parse_meta(path: Path, schema: pa.Schema) -> dict[str, Any]:
     return meta
 
 
+def bits_offsets(batch: pa.RecordBatch) -> tuple[np.ndarray, pa.Buffer]:
+    """The bits column of a non-empty record batch without copying: (offsets, data), row r's
+    bits being ``data[offsets[r]:offsets[r + 1]]``."""
+    col = batch.column("bits")
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int32, count=len(col) + 1, offset=4 * col.offset)
+    data = col.buffers()[2]
+    return offsets, pa.py_buffer(b"") if data is None else data
+
+
 def read_mask(path: str | os.PathLike, *, verify: bool = True) -> Mask:
     """Open a mask memory-mapped. With ``verify`` (the default) check counts and checksum."""
     path = Path(path)
     try:
-        source = pa.memory_map(str(path))
-        reader = pa.ipc.open_file(source)
+        reader, meta = open_reader(pa.memory_map(str(path)), path)
         table = reader.read_all()
     except (pa.ArrowInvalid, OSError) as e:
         raise MaskError(f"{path}: not a readable Arrow IPC mask file, truncated or corrupt ({e})") from e
-    meta = _parse_meta(path, reader.schema)
     mask = Mask(path=path, meta=meta, table=table.replace_schema_metadata(None))
     if verify:
         verify_mask(mask)
     return mask
 
 
-def verify_mask(mask: Mask) -> None:
-    t = mask.table
-    digests = []
-    total_changed = 0
-    total_elems = 0
-    ce = mask.chunk_elems
-    for tensor, offset, length, bits, changed in zip(
-        t.column("tensor").to_pylist(),
-        t.column("offset").to_pylist(),
-        t.column("length").to_pylist(),
-        t.column("bits"),
-        t.column("changed").to_pylist(),
-        strict=True,
-    ):
-        buf = bits.as_buffer()
-        if len(buf) != (length + 7) // 8 or length > ce or offset % ce:
-            raise MaskError(f"{mask.path}: tensor {tensor!r} at offset {offset}: malformed chunk (length {length}, {len(buf)} bytes)")
-        if popcount(buf) != changed:
-            raise MaskError(f"{mask.path}: tensor {tensor!r} at offset {offset}: 'changed' does not match its bits")
-        digests.append(row_digest(buf))
-        total_changed += changed
-        total_elems += length
-    if combine_digests(digests) != mask.meta["checksum"]:
-        raise MaskError(f"{mask.path}: checksum mismatch: the bits were modified or the file is corrupt")
-    if total_changed != mask.total_changed or total_elems != mask.total_elems:
+# Verification, one rule per function; ``verify_mask`` checks a whole file with them, the
+# overlap analysis the same rules on the chunks each of its tasks reads. ``where(r)`` names
+# row r in error messages.
+
+
+def check_chunks(
+    length: np.ndarray,
+    nbytes: np.ndarray,
+    chunk_elems: int,
+    *,
+    offset: np.ndarray | None = None,
+    where: Callable[[int], str],
+) -> None:
+    """Rows' shapes: length in [0, chunk_elems], ceil(length / 8) bytes of bits, and (given
+    ``offset``) starting on a chunk boundary. Needs only the small columns."""
+    bad = (length < 0) | (length > chunk_elems) | (nbytes != (length + 7) // 8)
+    if offset is not None:
+        bad |= offset % chunk_elems != 0
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise MaskError(f"{where(r)}: malformed chunk (length {int(length[r])}, {int(nbytes[r])} bytes of bits)")
+
+
+def check_changed(
+    popcounts: Sequence[int] | np.ndarray,
+    changed: Sequence[int] | np.ndarray,
+    *,
+    where: Callable[[int], str],
+) -> None:
+    """Each row's 'changed' equals the popcount of its bits."""
+    for r, (got, want) in enumerate(zip(popcounts, changed, strict=True)):
+        if got != want:
+            raise MaskError(f"{where(r)}: 'changed' does not match its bits")
+
+
+def verify_rows(
+    bits: Sequence[bytes | memoryview],
+    changed: Sequence[int] | np.ndarray,
+    *,
+    popcounts: Sequence[int] | np.ndarray | None = None,
+    where: Callable[[int], str],
+) -> list[bytes]:
+    """Check the rows' 'changed' against their bits (``check_changed``) and return their
+    digests, in order. The rows' shapes are ``check_chunks``'s to check, before.
+
+    ``popcounts``: the rows' popcounts where the caller has them already (the overlap
+    kernels count bits along with the intersections); counted here otherwise.
+    """
+    check_changed([popcount(b) for b in bits] if popcounts is None else popcounts, changed, where=where)
+    return [row_digest(b) for b in bits]
+
+
+def check_checksum(digests: Sequence[bytes], meta: dict[str, Any], *, where: str) -> None:
+    """The row digests of a whole file, in file row order, combine to its checksum."""
+    if combine_digests(digests) != meta["checksum"]:
+        raise MaskError(f"{where}: checksum mismatch: the bits were modified or the file is corrupt")
+
+
+def check_totals(total_changed: int, total_elems: int, meta: dict[str, Any], *, where: str) -> None:
+    """The rows' sums of 'changed' and 'length' match the metadata's totals."""
+    if total_changed != int(meta["total_changed"]) or total_elems != int(meta["total_elems"]):
         raise MaskError(
-            f"{mask.path}: totals in metadata ({mask.total_changed}/{mask.total_elems}) "
+            f"{where}: totals in metadata ({meta['total_changed']}/{meta['total_elems']}) "
             f"do not match the rows ({total_changed}/{total_elems})"
         )
+
+
+def verify_mask(mask: Mask) -> None:
+    """Every row's shape and 'changed', the checksum and the totals of an opened mask."""
+    t = mask.table
+    tensor = t.column("tensor").to_pylist()
+    offset = t.column("offset").to_numpy()
+    length = t.column("length").to_numpy()
+    changed = t.column("changed").to_numpy()
+    bits: list[memoryview] = []
+    for batch in t.to_batches():
+        if batch.num_rows:
+            offs, data = bits_offsets(batch)
+            view = memoryview(data)
+            bits.extend(view[offs[i] : offs[i + 1]] for i in range(batch.num_rows))
+
+    def where(r: int) -> str:
+        return f"{mask.path}: tensor {tensor[r]!r} at offset {int(offset[r])}"
+
+    nbytes = np.fromiter(map(len, bits), dtype=np.int64, count=len(bits))
+    check_chunks(length, nbytes, mask.chunk_elems, offset=offset, where=where)
+    check_checksum(verify_rows(bits, changed.tolist(), where=where), mask.meta, where=str(mask.path))
+    check_totals(int(changed.sum()), int(length.sum()), mask.meta, where=str(mask.path))
 
 
 def check_compatible(masks: list[Mask] | list[dict[str, Any]], labels: list[str] | None = None) -> None:

@@ -1,0 +1,340 @@
+"""The driver: ``compute_overlap`` reads metadata and layouts, looks pairs up in the cache,
+runs the chunk-range tasks (on Ray or in this process) and verifies what they read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlsparsity.analysis.overlap.cache import OverlapCache, _file_id, default_cache_dir
+from rlsparsity.analysis.overlap.layout import _join, _Plan, _read_layout
+from rlsparsity.analysis.overlap.planner import _pair_cover, plan_ranges
+from rlsparsity.analysis.overlap.progress import ProgressFn, _progress
+from rlsparsity.analysis.overlap.result import DEFAULT_FACTORS, OverlapResult, _pair_indices
+from rlsparsity.analysis.overlap.task import overlap_task
+from rlsparsity.contracts.mask import (
+    MaskError,
+    check_checksum,
+    check_compatible,
+    check_totals,
+    read_meta,
+)
+
+
+class OverlapError(RuntimeError):
+    """The analysis cannot run: bad inputs, missing artifacts."""
+
+
+def compute_overlap(
+    paths: Sequence[str | os.PathLike],
+    labels: Sequence[str] | None = None,
+    *,
+    use_ray: bool = True,
+    workers: int | None = None,
+    factors: Sequence[dict[str, Any]] | None = None,
+    factor_keys: Sequence[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    verify: bool = True,
+    progress: bool | ProgressFn = False,
+) -> OverlapResult:
+    """Pairwise overlap of N mask files (``rlsparsity.mask/1``).
+
+    - ``use_ray``: run the chunk-range tasks on Ray (``ray.init()`` only if no cluster is
+      connected yet); otherwise run them in this process.
+    - ``workers``: tasks in flight at once (default: the cluster's CPUs).
+    - ``factors``: per run, e.g. {"seed": 0, "dataset": "add", "algorithm": "grpo"}, for
+      the grouped summary; ``factor_keys`` the keys compared (default seed, dataset, algorithm).
+    - ``cache_dir`` / ``use_cache``: the incremental cache (default
+      ``~/.cache/rlsparsity/overlap``, env ``RLSPARSITY_OVERLAP_CACHE``).
+    - ``verify``: check every mask's checksum from the digests of the rows read. A file
+      verified earlier and unchanged since (same path, size, mtime, inode, checksum) is
+      not hashed again.
+    - ``progress``: True for a rich progress bar with throughput, or a callback.
+
+    Raises ``MaskError`` for incompatible, malformed or corrupt masks.
+    """
+    t_start = time.perf_counter()
+    paths = [str(p) for p in paths]
+    if len(paths) < 1:
+        raise OverlapError("no masks given")
+    labels = list(labels) if labels is not None else [Path(p).stem for p in paths]
+    if len(labels) != len(paths):
+        raise OverlapError(f"{len(labels)} labels for {len(paths)} masks")
+    if len(set(labels)) != len(labels):
+        dup = next(lab for lab in labels if labels.count(lab) > 1)
+        raise OverlapError(f"label {dup!r} is used twice; labels must be unique")
+    if factors is not None and len(factors) != len(paths):
+        raise OverlapError(f"{len(factors)} factor sets for {len(paths)} masks")
+    n = len(paths)
+
+    # 1. Metadata only: fail on incompatible inputs before touching any bits.
+    metas = []
+    for p, lab in zip(paths, labels, strict=True):
+        try:
+            metas.append(read_meta(p))
+        except MaskError as e:
+            raise MaskError(f"{lab}: {e}") from e
+        except FileNotFoundError as e:
+            raise MaskError(f"{lab}: mask file {p} does not exist") from e
+    check_compatible(metas, labels)
+    checksums = [str(m["checksum"]) for m in metas]
+    total_elems = {int(m["total_elems"]) for m in metas}
+    if len(total_elems) > 1:
+        raise MaskError(
+            f"masks cover different numbers of elements {sorted(total_elems)}; they cannot be compared"
+        )
+    chunk_elems = int(metas[0]["chunk_elems"])
+    base_key = hashlib.blake2b(
+        json.dumps([metas[0]["base"].get("hash"), chunk_elems]).encode(), digest_size=10
+    ).hexdigest()
+    cache = OverlapCache(cache_dir or default_cache_dir(), base_key) if use_cache else None
+
+    # 2. Which pairs are missing from the cache? With all present, no mask is read.
+    plan: _Plan | None = None
+    layout_hash: str | None = None
+    names: list[str] | None = None
+    numel: np.ndarray | None = None
+    run_counts: list[np.ndarray | None] = [None] * n
+    if cache is not None and all(c in cache.runs for c in checksums):
+        lays = {cache.runs[c][0] for c in checksums}
+        lay = cache.layout(next(iter(lays))) if len(lays) == 1 else None
+        if lay is not None:
+            layout_hash = next(iter(lays))
+            names, numel = lay["tensors"], np.asarray(lay["numel"], dtype=np.int64)
+            run_counts = [cache.runs[c][1] for c in checksums]
+    if names is None:
+        layouts = [_read_layout(p, lab) for p, lab in zip(paths, labels, strict=True)]
+        plan = _join(layouts, labels, paths, chunk_elems)
+        names, numel, layout_hash = plan.tensor_names, plan.tensor_numel, plan.layout_hash
+        for m, lay in enumerate(layouts):
+            c = np.zeros(len(names), dtype=np.int64)
+            np.add.at(c, plan.row_tensor, lay.changed[plan.file_row[m]])
+            run_counts[m] = c
+            where = f"{labels[m]} ({paths[m]})"
+            check_totals(int(c.sum()), int(lay.length.sum()), metas[m], where=where)
+    assert names is not None and numel is not None and layout_hash is not None
+    T = len(names)
+    tinter = np.zeros((T, n, n), dtype=np.int64)
+    for m in range(n):
+        tinter[:, m, m] = run_counts[m]  # type: ignore[index]
+    missing: set[tuple[int, int]] = set()
+    cached_pairs = 0
+    for i, j in _pair_indices(n):
+        if checksums[i] == checksums[j]:
+            tinter[:, i, j] = tinter[:, j, i] = run_counts[i]  # identical masks
+            continue
+        hit = cache.get_pair(checksums[i], checksums[j], layout_hash) if cache is not None else None
+        if hit is not None and len(hit) == T:
+            tinter[:, i, j] = tinter[:, j, i] = hit
+            cached_pairs += 1
+        else:
+            missing.add((i, j))
+
+    stats: dict[str, Any] = {
+        "masks": n,
+        "pairs": n * (n - 1) // 2,
+        "pairs_cached": cached_pairs,
+        "pairs_computed": 0,
+        "bytes_read": 0,
+        "tasks": 0,
+        "task_s": 0.0,
+        "task_cpu_s": 0.0,
+        "workers": 0,
+        "verified": [],
+    }
+    # 3. Compute the missing pairs: masks in the cover go first in the stack.
+    if missing:
+        if plan is None:
+            layouts = [_read_layout(p, lab) for p, lab in zip(paths, labels, strict=True)]
+            plan = _join(layouts, labels, paths, chunk_elems)
+            if plan.layout_hash != layout_hash:
+                raise MaskError("mask layout changed since it was cached; clear the overlap cache")
+        cover = _pair_cover(n, missing)
+        order = cover + [k for k in range(n) if k not in cover]
+        memo = cache.verified() if (cache is not None and verify) else {}
+        need_verify = [False] * n
+        if verify:
+            for k in range(n):
+                real = os.path.realpath(paths[k])
+                ent = memo.get(real)
+                need_verify[k] = not (
+                    ent
+                    and ent.get("checksum") == checksums[k]
+                    and ent.get("id") == _file_id(paths[k])
+                )
+        done_inter = _run_tasks(
+            plan, order, len(cover), [need_verify[k] for k in order],
+            paths=[paths[k] for k in order], labels=[labels[k] for k in order],
+            metas=[metas[k] for k in order], use_ray=use_ray, workers=workers,
+            progress=progress, stats=stats,
+        )  # fmt: skip
+        # done_inter: (T, n_new, N) in stack order -> input order.
+        computed: dict[tuple[str, str], np.ndarray] = {}
+        for a, i in enumerate(cover):
+            for b, j in enumerate(order):
+                if b < a or i == j:
+                    continue
+                tinter[:, i, j] = tinter[:, j, i] = done_inter[:, a, b]
+                if checksums[i] != checksums[j]:
+                    computed[(checksums[i], checksums[j])] = done_inter[:, a, b]
+        stats["pairs_computed"] = len({OverlapCache.key(*k) for k in computed})
+        if cache is not None:
+            cache.save(
+                layout_hash, names, numel, {checksums[m]: run_counts[m] for m in range(n)}, computed
+            )  # type: ignore[misc]
+            if verify:
+                cache.mark_verified(
+                    {
+                        os.path.realpath(paths[k]): {
+                            "checksum": checksums[k],
+                            "id": _file_id(paths[k]),
+                        }
+                        for k in range(n)
+                        if need_verify[k]
+                    }
+                )
+        stats["verified"] = [labels[k] for k in range(n) if need_verify[k]]
+    elif cache is not None and plan is not None:
+        cache.save(layout_hash, names, numel, {checksums[m]: run_counts[m] for m in range(n)}, {})
+
+    inter = tinter.sum(axis=0)
+    stats["seconds"] = time.perf_counter() - t_start
+    stats["bytes_per_s"] = stats["bytes_read"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
+    return OverlapResult(
+        labels=labels,
+        n=next(iter(total_elems)),
+        inter=inter,
+        tensor_names=list(names),
+        tensor_numel=np.asarray(numel, dtype=np.int64),
+        tensor_inter=tinter,
+        checksums=checksums,
+        paths=paths,
+        factors=[dict(f) for f in factors] if factors is not None else None,
+        meta={
+            "chunk_elems": chunk_elems,
+            "base": metas[0]["base"],
+            "criteria": [m["criterion"] for m in metas],
+            "dtype": metas[0]["dtype"],
+            "factor_keys": list(factor_keys) if factor_keys else list(DEFAULT_FACTORS),
+        },
+        stats=stats,
+    )
+
+
+def _run_tasks(
+    plan: _Plan,
+    order: list[int],
+    n_new: int,
+    verify: list[bool],
+    *,
+    paths: list[str],
+    labels: list[str],
+    metas: list[dict[str, Any]],
+    use_ray: bool,
+    workers: int | None,
+    progress: bool | ProgressFn,
+    stats: dict[str, Any],
+) -> np.ndarray:
+    """Run the chunk-range tasks (they check rows), verify checksums; return (T, n_new, N) counts.
+
+    ``order[k]`` is the input index of stack position k; every other list is in stack order.
+    """
+    n = len(order)
+    file_row = plan.file_row[order]
+    layouts = [plan.layouts[k] for k in order]
+    batch = np.stack([lay.batch[file_row[k]] for k, lay in enumerate(layouts)])
+    in_batch = np.stack([lay.in_batch[file_row[k]] for k, lay in enumerate(layouts)])
+    changed = np.stack([lay.changed[file_row[k]] for k, lay in enumerate(layouts)])
+    words = (plan.row_nbytes + 7) // 8
+
+    if use_ray:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()
+        cpus = int(ray.available_resources().get("CPU", 0) or ray.cluster_resources().get("CPU", 1))
+        workers = workers or max(1, cpus)
+    else:
+        workers = 1
+    ranges = plan_ranges(words, n, n_new, sum(verify), workers)
+    specs = [
+        {
+            "r0": r0,
+            "r1": r1,
+            "paths": paths,
+            "labels": labels,
+            "batch": batch[:, r0:r1],
+            "in_batch": in_batch[:, r0:r1],
+            "changed": changed[:, r0:r1],
+            "nbytes": plan.row_nbytes[r0:r1],
+            "row_tensor": plan.row_tensor[r0:r1],
+            "chunk": plan.row_chunk[r0:r1],
+            "tensor_names": {
+                int(t): plan.tensor_names[t] for t in np.unique(plan.row_tensor[r0:r1])
+            },
+            "n_new": n_new,
+            "verify": verify,
+        }
+        for r0, r1 in ranges
+    ]
+    total_bytes = int(plan.row_nbytes.sum()) * n
+    stats.update(tasks=len(specs), workers=workers, task_s=0.0, task_cpu_s=0.0)
+
+    T = len(plan.tensor_names)
+    R = len(plan.row_tensor)
+    inter = np.zeros((T, n_new, n), dtype=np.int64)
+    vidx = [k for k in range(n) if verify[k]]
+    digests = np.zeros((R, len(vidx), 16), dtype=np.uint8)
+
+    def absorb(out: dict[str, Any]) -> None:
+        inter[out["tensors"]] += out["inter"]
+        digests[out["r0"] : out["r1"]] = out["digests"]
+        stats["bytes_read"] += out["bytes"]
+        stats["task_s"] += out["task_s"]
+        stats["task_cpu_s"] += out["cpu_s"]
+
+    with _progress(progress, total_bytes, f"overlap of {n} masks") as advance:
+        if use_ray:
+            import ray
+
+            remote = ray.remote(num_cpus=1, max_retries=1)(overlap_task)
+            pending = list(reversed(specs))
+            running: list[Any] = []
+            try:
+                while pending or running:
+                    while pending and len(running) < workers:
+                        running.append(remote.remote(pending.pop()))
+                    ready, running = ray.wait(running, num_returns=1)
+                    try:
+                        out = ray.get(ready[0])
+                    except ray.exceptions.RayTaskError as e:
+                        # Surface the task's own error (MaskError, OSError...) to the caller.
+                        cause = getattr(e, "cause", None)
+                        if isinstance(cause, MaskError | OverlapError):
+                            raise cause from None
+                        raise OverlapError(f"an overlap task failed: {cause or e}") from e
+                    absorb(out)
+                    advance(out["bytes"])
+            finally:
+                for ref in running:
+                    ray.cancel(ref)
+        else:
+            for spec in specs:
+                out = overlap_task(spec)
+                absorb(out)
+                advance(out["bytes"])
+
+    # The tasks checked every row; the checksums need the digests in file row order.
+    for v, k in enumerate(vidx):
+        ordered = np.empty((R, 16), dtype=np.uint8)
+        ordered[file_row[k]] = digests[:, v]
+        check_checksum([bytes(d) for d in ordered], metas[k], where=f"{labels[k]} ({paths[k]})")
+    return inter

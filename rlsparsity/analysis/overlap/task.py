@@ -1,0 +1,172 @@
+"""One task of the overlap job: rows [r0, r1) of N masks, read once through memory maps, their
+intersections per tensor, and the verification of those rows (``contracts.mask``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from rlsparsity.analysis.overlap.kernels import (
+    _numba_kernels,
+    _pair_counts_numba,
+    _pair_counts_numpy,
+)
+from rlsparsity.analysis.overlap.layout import _row_where
+from rlsparsity.contracts.mask import (
+    MaskError,
+    bits_offsets,
+    check_changed,
+    open_reader,
+    verify_rows,
+)
+
+# A pack of rows processed together: 16384 words = one full chunk (128 KiB) per mask.
+PACK_WORDS = 16384
+
+
+def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
+    """Read rows [r0, r1) of N masks once; intersections for pairs (i < n_new, j >= i).
+
+    ``spec``: paths and labels (N, stack order), batch/in_batch (N, R) row coordinates,
+    changed (N, R), nbytes, row_tensor and chunk (R,), tensor_names (id -> name), n_new,
+    verify (N bools). Checks 'changed' against the bits of the first n_new masks and of
+    the verified ones, and digests the verified ones' rows (``verify_rows``). Returns
+    per-tensor (k, n_new, N) counts and per-row digests (R, n_verify, 16).
+    """
+    paths: list[str] = spec["paths"]
+    labels: list[str] = spec["labels"]
+    batch: np.ndarray = spec["batch"]
+    in_batch: np.ndarray = spec["in_batch"]
+    changed: np.ndarray = spec["changed"]
+    nbytes: np.ndarray = spec["nbytes"]
+    row_tensor: np.ndarray = spec["row_tensor"]
+    n_new: int = spec["n_new"]
+    verify: list[bool] = spec["verify"]
+    t_wall, t_cpu = time.perf_counter(), time.process_time()
+    n, rows = batch.shape
+    vpos = {k: v for v, k in enumerate(k for k in range(n) if verify[k])}
+    # The first n_new masks' popcounts come with their intersections; the others' are
+    # counted only to be verified (a mask verified earlier is not checked again).
+    checked = [k for k in range(n) if k < n_new or verify[k]]
+    row_names = [spec["tensor_names"][t] for t in row_tensor.tolist()]
+
+    def where(k: int, first: int) -> Callable[[int], str]:
+        return _row_where(labels[k], paths[k], row_names, spec["chunk"], first)
+
+    # Memory-map every file once; fetch each record batch's bits buffers lazily.
+    maps = [pa.memory_map(p) for p in paths]
+    bufcache: list[dict[int, tuple[np.ndarray, pa.Buffer]]] = [{} for _ in range(n)]
+    views: list[list[memoryview]] = []
+    try:
+        readers = [open_reader(m, p)[0] for m, p in zip(maps, paths, strict=True)]
+
+        def row_bytes(k: int, r: int) -> tuple[pa.Buffer, int, int]:
+            b = int(batch[k, r])
+            hit = bufcache[k].get(b)
+            if hit is None:
+                hit = bufcache[k][b] = bits_offsets(readers[k].get_batch(b))
+            offs, data = hit
+            i = int(in_batch[k, r])
+            return data, int(offs[i]), int(offs[i + 1])
+
+        words = (nbytes + 7) // 8
+        tensors, local = np.unique(row_tensor, return_inverse=True)
+        acc = np.zeros((len(tensors), n_new, n), dtype=np.int64)
+        popc = np.zeros((rows, n), dtype=np.int64)
+        digests = np.zeros((rows, len(vpos), 16), dtype=np.uint8)
+
+        # Greedy packs of consecutive rows up to PACK_WORDS words: small tensors (norms,
+        # biases) share one block so per-call numpy overhead stays per 128 KiB, not per row.
+        packs: list[list[int]] = []
+        cur: list[int] = []
+        cur_w = 0
+        for r in range(rows):
+            if cur and cur_w + words[r] > PACK_WORDS:
+                packs.append(cur)
+                cur, cur_w = [], 0
+            cur.append(r)
+            cur_w += int(words[r])
+        if cur:
+            packs.append(cur)
+        width = max([PACK_WORDS, *(int(words[p].sum()) for p in packs)]) if packs else 0
+        kern = _numba_kernels()
+        # numba: rows padded to a multiple of 4 (zero rows, for the 4x4 tiles), no temporaries.
+        block = np.zeros((-(-n // 4) * 4 if kern else n, width), dtype=np.uint64)
+        block8 = block.view(np.uint8)
+        if kern is None:
+            tmp = np.empty((n, width), dtype=np.uint64)
+            cnt = np.empty((n, width), dtype=np.uint8)
+
+        for pack in packs:
+            p0, p1 = pack[0], pack[-1] + 1
+            starts = np.concatenate([[0], np.cumsum(words[pack])]).astype(np.int64)
+            wp = int(starts[-1])
+            views = [[] for _ in range(n)]
+            for k in range(n):
+                for s, r in enumerate(pack):
+                    data, lo, hi = row_bytes(k, r)
+                    if hi - lo != nbytes[r]:  # the file changed since its layout was read
+                        raise MaskError(
+                            f"{where(k, 0)(r)}: {hi - lo} bytes of bits, expected {int(nbytes[r])}"
+                        )
+                    view = memoryview(data)[lo:hi]
+                    if verify[k]:
+                        views[k].append(view)
+                    w0 = int(starts[s]) * 8
+                    block8[k, w0 : w0 + (hi - lo)] = np.frombuffer(view, dtype=np.uint8)
+                    block8[k, w0 + (hi - lo) : int(starts[s + 1]) * 8] = 0
+            nz = [s for s, r in enumerate(pack) if words[r] > 0]
+            if nz:
+                seg = starts[nz]
+                rows_nz = [pack[s] for s in nz]
+                if kern is not None:
+                    res = _pair_counts_numba(kern, block, n, n_new, seg, wp)
+                    if n_new < n and any(verify[n_new:]):
+                        pc = np.zeros((len(seg), block.shape[0] - n_new), dtype=np.uint64)
+                        kern[1](block, n_new, seg, wp, pc)
+                        popc[np.ix_(rows_nz, np.arange(n_new, n))] = pc[:, : n - n_new]
+                else:
+                    single = len(nz) == 1
+                    X = block[:, :wp]
+                    res = _pair_counts_numpy(X, n_new, None if single else seg, tmp, cnt)
+                    if n_new < n and any(verify[n_new:]):
+                        np.bitwise_count(X[n_new:], out=cnt[: n - n_new, :wp])
+                        if single:
+                            popc[rows_nz[0], n_new:] = cnt[: n - n_new, :wp].sum(
+                                axis=1, dtype=np.uint32
+                            )
+                        else:
+                            popc[np.ix_(rows_nz, np.arange(n_new, n))] = np.add.reduceat(
+                                cnt[: n - n_new, :wp], seg, axis=1, dtype=np.uint32
+                            ).T
+                for i in range(n_new):
+                    popc[rows_nz, i] = res[:, i, i]
+                np.add.at(acc, local[rows_nz], res)
+            # The pack's rows, still in cache: 'changed' against the popcounts, digests.
+            for k in checked:
+                got, want = popc[p0:p1, k], changed[k, p0:p1]
+                if verify[k]:
+                    ds = verify_rows(views[k], want, popcounts=got, where=where(k, p0))
+                    digests[p0:p1, vpos[k]] = np.frombuffer(b"".join(ds), np.uint8).reshape(-1, 16)
+                else:
+                    check_changed(got, want, where=where(k, p0))
+    finally:
+        views.clear()  # drop the buffer views before unmapping
+        for c in bufcache:
+            c.clear()
+        for m in maps:
+            m.close()
+    return {
+        "r0": spec["r0"],
+        "r1": spec["r1"],
+        "tensors": tensors,
+        "inter": acc,
+        "digests": digests,
+        "bytes": int(nbytes.sum()) * n,
+        "task_s": time.perf_counter() - t_wall,
+        "cpu_s": time.process_time() - t_cpu,
+    }

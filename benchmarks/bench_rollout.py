@@ -85,7 +85,7 @@ def throughput_child(engine: str, name: str, repeat: int) -> dict[str, Any]:
     prompts = [p.prompt for p in problems]
     t0 = time.perf_counter()
     if engine == "vllm":
-        from rlsparsity.platform.vllm_engine import VLLMEngine
+        from rlsparsity.platform.vllm.engine import VLLMEngine
 
         eng = VLLMEngine(path, threads=tp["threads"], seed=0)
     else:

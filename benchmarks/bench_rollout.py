@@ -72,8 +72,8 @@ def model_path(name: str) -> Path:
 
 def throughput_child(engine: str, name: str, repeat: int) -> dict[str, Any]:
     """One engine in this process: warm-up, then the best of `repeat` timed generate calls."""
+    from rlsparsity.platform.engines import HFEngine
     from rlsparsity.platform.models import load_tokenizer
-    from rlsparsity.platform.rollout import HFEngine
     from rlsparsity.platform.tasks import chat_prompts, get_task
 
     cfg, tp = MODELS[name], THROUGHPUT

@@ -36,7 +36,7 @@ from typing import Any, Literal
 Split = Literal["train", "test"]
 Style = Literal["native", "ood"]
 
-EOS_TEXT = "<eos>"  # must match the tokenizer's EOS token (models.EOS)
+EOS_TEXT = "<eos>"  # must match the tokenizer's EOS token (models.tokenizer.EOS)
 STYLES: tuple[str, ...] = ("native", "ood")
 SPLITS: tuple[str, ...] = ("train", "test")
 

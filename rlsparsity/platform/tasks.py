@@ -157,9 +157,6 @@ class Task:
         a, b = problem.operands
         return f"What is {a} {self.word} {b}? Reply with the number only."
 
-    def reward(self, completion_text: str, problem: Problem) -> float:
-        return reward(completion_text, problem.answer)
-
 
 def chat_prompts(task: Task, problems: list[Problem], tokenizer: Any) -> list[Problem]:
     """``problems`` with each prompt rendered as a user turn of ``tokenizer``'s chat template,
@@ -247,10 +244,3 @@ def _mul() -> Task:
         params=(("a_digits", list(MUL_A_DIGITS)), ("b_max", MUL_B_MAX)),
     )
 
-
-def sft_examples(
-    task: str | Task, n: int, seed: int, style: Style = "ood"
-) -> list[tuple[str, str]]:
-    """``n`` (prompt, completion) pairs from the train split, rendered in ``style``."""
-    t = get_task(task)
-    return [t.render(p, style) for p in t.problems("train", n, seed)]

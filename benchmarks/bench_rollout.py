@@ -72,8 +72,8 @@ def model_path(name: str) -> Path:
 
 def throughput_child(engine: str, name: str, repeat: int) -> dict[str, Any]:
     """One engine in this process: warm-up, then the best of `repeat` timed generate calls."""
+    from rlsparsity.platform.engines import HFEngine
     from rlsparsity.platform.models import load_tokenizer
-    from rlsparsity.platform.rollout import HFEngine
     from rlsparsity.platform.tasks import chat_prompts, get_task
 
     cfg, tp = MODELS[name], THROUGHPUT
@@ -85,7 +85,7 @@ def throughput_child(engine: str, name: str, repeat: int) -> dict[str, Any]:
     prompts = [p.prompt for p in problems]
     t0 = time.perf_counter()
     if engine == "vllm":
-        from rlsparsity.platform.vllm_engine import VLLMEngine
+        from rlsparsity.platform.vllm.engine import VLLMEngine
 
         eng = VLLMEngine(path, threads=tp["threads"], seed=0)
     else:

@@ -22,6 +22,7 @@ from rlsparsity.platform.models import (
     recipe_hash,
     resolve_model,
 )
+from rlsparsity.platform.models import cache as model_cache
 from rlsparsity.platform.tasks import TASKS
 
 # The "fair share" band: the base model must solve part of each task, leaving RL room.
@@ -120,7 +121,7 @@ def _fake_build(calls: list[Path], delay: float = 0.0, fail: bool = False):
 
 def test_cache_reuse_and_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(models, "build_embedded_model", _fake_build(calls))
+    monkeypatch.setattr(model_cache, "build_embedded_model", _fake_build(calls))
     monkeypatch.setenv("RLSPARSITY_CACHE", str(tmp_path))
     p1 = ensure_embedded_model()
     assert p1.parent == tmp_path / "models"
@@ -133,6 +134,8 @@ def test_cache_reuse_and_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert p3.parent == tmp_path / "other" / "models" and len(calls) == 2
     # No temp directories are left behind.
     assert not [x for x in p1.parent.iterdir() if ".tmp-" in x.name]
+    # The build lock is a file next to the model, left in place for the next builder.
+    assert (p1.parent / f".{p1.name}.lock").is_file()
     # Published with umask-based modes (mkdtemp's 0700 would hide it from other users).
     umask = os.umask(0)
     os.umask(umask)
@@ -142,7 +145,7 @@ def test_cache_reuse_and_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_partial_directory_is_not_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(models, "build_embedded_model", _fake_build(calls))
+    monkeypatch.setattr(model_cache, "build_embedded_model", _fake_build(calls))
     final = models.embedded_model_dir("tiny-arith", tmp_path)
     final.mkdir(parents=True)
     (final / "config.json").write_text("{}")  # looks like a model dir, but half of it
@@ -156,7 +159,7 @@ def test_partial_directory_is_not_accepted(tmp_path: Path, monkeypatch: pytest.M
 
 def test_wrong_recipe_hash_is_not_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(models, "build_embedded_model", _fake_build(calls))
+    monkeypatch.setattr(model_cache, "build_embedded_model", _fake_build(calls))
     final = models.embedded_model_dir("tiny-arith", tmp_path)
     final.mkdir(parents=True)
     for f in REQUIRED_FILES:
@@ -170,7 +173,7 @@ def test_crash_leaves_no_complete_looking_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(models, "build_embedded_model", _fake_build(calls, fail=True))
+    monkeypatch.setattr(model_cache, "build_embedded_model", _fake_build(calls, fail=True))
     with pytest.raises(RuntimeError, match="simulated"):
         ensure_embedded_model(cache_dir=tmp_path)
     final = models.embedded_model_dir("tiny-arith", tmp_path)
@@ -179,14 +182,14 @@ def test_crash_leaves_no_complete_looking_dir(
     # Stale temp dirs from a builder killed outright are swept by the next builder.
     stale = final.parent / f".{final.name}.tmp-dead"
     stale.mkdir()
-    monkeypatch.setattr(models, "build_embedded_model", _fake_build(calls))
+    monkeypatch.setattr(model_cache, "build_embedded_model", _fake_build(calls))
     assert ensure_embedded_model(cache_dir=tmp_path) == final
     assert not stale.exists()
 
 
 def test_concurrent_builders_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(models, "build_embedded_model", _fake_build(calls, delay=0.3))
+    monkeypatch.setattr(model_cache, "build_embedded_model", _fake_build(calls, delay=0.3))
     results: list[Path] = []
     threads = [
         threading.Thread(target=lambda: results.append(ensure_embedded_model(cache_dir=tmp_path)))

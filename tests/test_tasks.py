@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from rlsparsity.platform import tasks
-from rlsparsity.platform.tasks import REWARDS, TASKS, chat_prompts, get_task, reward, sft_examples
+from rlsparsity.platform.tasks import REWARDS, TASKS, chat_prompts, get_task, reward
 
 
 def test_registry_has_arithmetic_tasks() -> None:
@@ -93,15 +93,12 @@ def test_render_styles() -> None:
         t.render(p, "fancy")  # type: ignore[arg-type]
 
 
-def test_sft_examples_ood_from_train_split() -> None:
-    ex = sft_examples("mul", 50, seed=3)
-    assert len(ex) == 50
+def test_render_ood_mul() -> None:
     t = get_task("mul")
-    expected = [t.render(p, "ood") for p in t.problems("train", 50, seed=3)]
-    assert ex == expected
-    assert all(prompt.startswith("Q: what is") and "times" in prompt for prompt, _ in ex)
-    native = sft_examples("mul", 5, seed=3, style="native")
-    assert native[0] == t.render(t.problems("train", 5, seed=3)[0], "native")
+    for p in t.problems("train", 50, seed=3):
+        prompt, completion = t.render(p, "ood")
+        assert prompt.startswith("Q: what is") and "times" in prompt and "*" not in prompt
+        assert completion == f" {p.answer}" and reward(completion, p.answer) == 1.0
 
 
 def test_task_spec_is_json_ready() -> None:

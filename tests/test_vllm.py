@@ -59,7 +59,7 @@ def engine(vllm_model_dir: Path):
     import time
 
     from rlsparsity.analysis.overlap.kernels import _numba_kernels
-    from rlsparsity.platform.vllm_engine import VLLMEngine
+    from rlsparsity.platform.vllm.engine import VLLMEngine
 
     # The analysis kernels load llvmlite in this process first, as a test run or a reused
     # Ray worker may have: vLLM 0.32's start-up kernel scan used to crash on it.
@@ -109,10 +109,8 @@ def _sft_step(model, opt, tokenizer, texts: list[str], lr: float) -> None:
 # --------------------------------------------------------------------------- no engine
 
 
-def test_pack_roundtrip_and_choices() -> None:
-    from rlsparsity.platform.vllm_engine import (
-        choose_transport,
-        layout_of,
+def test_pack_roundtrip() -> None:
+    from rlsparsity.platform.vllm.payload import (
         pack_patch,
         pack_tensors,
         unpack_entry,
@@ -142,50 +140,12 @@ def test_pack_roundtrip_and_choices() -> None:
     back = unpack_tensors(pack_tensors(t))
     assert all(torch.equal(back[k], v) for k, v in t.items())
 
-    # transports by layout
-    assert choose_transport("cpu", "sparse") == choose_transport("cpu", "dense") == "object_store"
-    assert choose_transport("colocated", "dense") == "ipc"
-    assert choose_transport("colocated", "sparse") == "object_store"
-    assert choose_transport("separate", "sparse") == "sparse_nccl"
-    assert choose_transport("separate", "dense") == "nccl"
-    with pytest.raises(ValueError, match="layout"):
-        choose_transport("moon", "sparse")  # type: ignore[arg-type]
-    assert layout_of([], []) == "cpu"
-    assert layout_of(["GPU-a"], ["GPU-a"]) == "colocated"
-    assert layout_of(["GPU-a"], ["GPU-b"]) == "separate"
-
-
-def test_sparse_nccl_patches_and_trainer_init_info() -> None:
-    from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
-    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
-    from vllm.distributed.weight_transfer.sparse_nccl_engine import (
-        SparseNCCLTrainerInitInfo,
-        SparseNCCLTrainerWeightTransferEngine,
-    )
-
-    from rlsparsity.platform.vllm_engine import sparse_nccl_patches, trainer_init_info
-
-    bits = torch.tensor([1.5, -2.0, 3.25], dtype=torch.bfloat16).view(torch.int16).numpy()
-    patch = SparsePatch(tensors={"w": (np.array([0, 4, 5], dtype=np.int32), bits), "n": (None, bits.copy())})
-    out = {p.name: p for p in sparse_nccl_patches(patch, {"w": (2, 3), "n": (3,)}, device="cpu")}
-    assert out["w"].full_shape == (2, 3) and out["w"].indices.tolist() == [0, 4, 5]
-    assert out["w"].values.dtype == torch.bfloat16 and out["w"].values.tolist() == [1.5, -2.0, 3.25]
-    assert out["n"].indices.tolist() == [0, 1, 2]
-    for p in out.values():  # what the trainer-side sparse_nccl engine checks before broadcasting
-        SparseNCCLTrainerWeightTransferEngine._validate_patch(p)
-    assert isinstance(trainer_init_info("sparse_nccl", master_port=1234), SparseNCCLTrainerInitInfo)
-    assert isinstance(trainer_init_info("nccl", master_port=1234), NCCLTrainerInitInfo)
-    assert isinstance(trainer_init_info("ipc"), IPCTrainerInitInfo)
-    assert trainer_init_info("sparse_nccl", master_port=1, rank=1).is_sender is False
-    with pytest.raises(ValueError, match="object store"):
-        trainer_init_info("object_store")
-
 
 def test_quiet_loggers_drops_warnings_and_survives_a_logging_reconfiguration(caplog) -> None:
     import logging
     import logging.config
 
-    from rlsparsity.platform.vllm_engine import quiet_loggers
+    from rlsparsity.platform.vllm.engine import quiet_loggers
 
     parent, child = logging.getLogger("rls-test"), logging.getLogger("rls-test.child")
     with caplog.at_level(logging.INFO), quiet_loggers("rls-test.child"):
@@ -201,7 +161,7 @@ def test_quiet_loggers_drops_warnings_and_survives_a_logging_reconfiguration(cap
 
 
 def test_cpu_head_dim_is_checked(tmp_path: Path) -> None:
-    from rlsparsity.platform.vllm_engine import _check_cpu_head_dim
+    from rlsparsity.platform.vllm.engine import _check_cpu_head_dim
 
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
     with pytest.raises(ValueError, match="head_dim 16"):

@@ -49,7 +49,7 @@ class TrainingSpec(Strict):
 
 
 class VLLMSpec(Strict):
-    """Options of the vllm rollout engine (`rlsparsity.platform.vllm_engine.VLLMEngine`)."""
+    """Options of the vllm rollout engine (`rlsparsity.platform.vllm.engine.VLLMEngine`)."""
 
     max_model_len: int | None = Field(None, ge=1, description="default: the model's context length")
     gpu_memory_utilization: float = Field(0.15, gt=0, le=1, description="on CPU: the share of host memory for the KV cache")

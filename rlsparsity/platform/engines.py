@@ -71,7 +71,7 @@ class HFEngine:
 
 def _vllm_engine(model_path: str | Path, **kwargs: Any) -> RolloutEngine:
     # Imported on first use: the hf path never imports vllm (an optional extra).
-    from rlsparsity.platform.vllm_engine import VLLMEngine
+    from rlsparsity.platform.vllm.engine import VLLMEngine
 
     return VLLMEngine(model_path, **kwargs)
 

@@ -36,7 +36,7 @@ from typing import Any, Literal
 Split = Literal["train", "test"]
 Style = Literal["native", "ood"]
 
-EOS_TEXT = "<eos>"  # must match the tokenizer's EOS token (models.EOS)
+EOS_TEXT = "<eos>"  # must match the tokenizer's EOS token (models.tokenizer.EOS)
 STYLES: tuple[str, ...] = ("native", "ood")
 SPLITS: tuple[str, ...] = ("train", "test")
 
@@ -169,9 +169,6 @@ class Task:
         a, b = problem.operands
         return f"What is {a} {self.word} {b}? Reply with the number only."
 
-    def reward(self, completion_text: str, problem: Problem) -> float:
-        return reward(completion_text, problem.answer)
-
 
 def chat_prompts(task: Task, problems: list[Problem], tokenizer: Any) -> list[Problem]:
     """``problems`` with each prompt rendered as a user turn of ``tokenizer``'s chat template,
@@ -259,10 +256,3 @@ def _mul() -> Task:
         params=(("a_digits", list(MUL_A_DIGITS)), ("b_max", MUL_B_MAX)),
     )
 
-
-def sft_examples(
-    task: str | Task, n: int, seed: int, style: Style = "ood"
-) -> list[tuple[str, str]]:
-    """``n`` (prompt, completion) pairs from the train split, rendered in ``style``."""
-    t = get_task(task)
-    return [t.render(p, style) for p in t.problems("train", n, seed)]

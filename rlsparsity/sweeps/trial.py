@@ -89,7 +89,7 @@ def run_trial(point: dict[str, Any], label: str, ctx: dict[str, Any]) -> None:
             for i in range(r.replicas)
         ]
         if r.backend == "vllm":
-            from rlsparsity.platform.vllm_engine import engine_seed
+            from rlsparsity.platform.vllm.engine import engine_seed
 
             tracker.log_params(run_id, {"rollout.engine_seeds": [engine_seed(spec.seed, i) for i in range(r.replicas)]})
         res = spec.resources

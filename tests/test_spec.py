@@ -104,3 +104,21 @@ def test_the_summary_shows_data_seed_only_when_a_trial_sets_it():
     assert "data seed" in out
     lines = [ln for ln in out.splitlines() if "grpo" in ln]
     assert [ln.split("│")[2].strip() for ln in lines] == ["—", "0", "1"]  # sorted, None first
+
+
+def test_rewards_and_batch_sources_are_checked_against_their_registries():
+    from rlsparsity.platform.algorithms import ALGORITHMS, register_algorithm
+    from rlsparsity.platform.tasks import REWARDS, register_reward
+
+    with pytest.raises(SpecError, match="training.reward: unknown reward 'nope'; allowed: exact, last_number"):
+        SweepSpec({"training": {"reward": "nope"}})
+    register_reward("always_one")(lambda text, answer: 1.0)
+    register_algorithm("from_nowhere", source="nowhere")(lambda models, batch, cfg, train: None)
+    try:
+        (trial,) = SweepSpec({"training": {"reward": "always_one"}}).trials()
+        assert trial.training.reward == "always_one"
+        with pytest.raises(SpecError, match="algorithm: from_nowhere reads batch source 'nowhere', which is not registered; registered: dataset, pairs, rollouts"):
+            SweepSpec({"algorithm": "from_nowhere"})
+    finally:
+        REWARDS.pop("always_one")
+        ALGORITHMS.pop("from_nowhere")

@@ -11,7 +11,14 @@ from __future__ import annotations
 import typing
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rlsparsity.platform.algorithms import ALGORITHMS, get_algorithm
 from rlsparsity.platform.config import (
@@ -50,18 +57,12 @@ class TrialSpec(Strict):
     tracking: TrackingSpec = TrackingSpec()
     analysis: bool = Field(True, description="run the overlap analysis after the sweep")
 
-    @field_validator("algorithm")
+    @field_validator("algorithm", "dataset")
     @classmethod
-    def _known_algorithm(cls, v: str) -> str:
-        if v not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {v!r}; allowed: {', '.join(sorted(ALGORITHMS))}")
-        return v
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        if v not in TASKS:
-            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(sorted(TASKS))}")
+    def _registered(cls, v: str, info: ValidationInfo) -> str:
+        registry = ALGORITHMS if info.field_name == "algorithm" else TASKS
+        if v not in registry:
+            raise ValueError(f"unknown {info.field_name} {v!r}; allowed: {', '.join(sorted(registry))}")
         return v
 
     @model_validator(mode="after")

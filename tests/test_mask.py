@@ -13,8 +13,10 @@ from rlsparsity.contracts.mask import (
     MaskError,
     MaskWriter,
     check_compatible,
+    combine_digests,
     read_mask,
     read_meta,
+    row_digest,
 )
 
 BASE = {"id": "base", "hash": "sha256:aaa"}
@@ -130,12 +132,46 @@ def test_malformed_chunk_is_rejected(tmp_path):
         read_mask(tmp_path / "bad.arrow")
 
 
+def _consistent(rows, schema, meta):
+    """A table of ``rows`` with its checksum and totals recomputed: a well-formed file
+    whose only fault is which rows it holds."""
+    meta = {
+        **meta,
+        b"checksum": json.dumps(combine_digests([row_digest(r["bits"]) for r in rows])).encode(),
+        b"total_changed": json.dumps(sum(r["changed"] for r in rows)).encode(),
+        b"total_elems": json.dumps(sum(r["length"] for r in rows)).encode(),
+    }
+    return pa.Table.from_pylist(rows, schema=schema), meta
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda rows: [r for r in rows if not (r["tensor"] == "b" and r["chunk"] == 1)], "'b'.*do not cover shape"),
+        (lambda rows: rows[:2] + rows[3:4] + rows[2:3] + rows[4:], "'b'.*do not cover shape"),
+        (lambda rows: rows + [dict(rows[0])], "'a' appears in two separate runs"),
+    ],
+    ids=["dropped chunk", "reordered chunks", "tensor repeated"],
+)
+def test_rows_must_cover_each_tensor_exactly(tmp_path, edit, message):
+    src = write(tmp_path / "m.arrow", hand_built())
+    _rewrite(src, tmp_path / "bad.arrow", lambda t, m: _consistent(edit(t.to_pylist()), t.schema, m))
+    with pytest.raises(MaskError, match=message):
+        read_mask(tmp_path / "bad.arrow")
+
+
 def test_truncated_file_is_rejected(tmp_path):
     src = write(tmp_path / "m.arrow", hand_built())
     data = src.read_bytes()
     (tmp_path / "cut.arrow").write_bytes(data[: len(data) // 2])
     with pytest.raises(MaskError, match="cut.arrow: not a readable Arrow IPC mask file"):
         read_mask(tmp_path / "cut.arrow")
+
+
+def test_missing_file_is_named(tmp_path):
+    for read in (read_mask, read_meta):
+        with pytest.raises(MaskError, match="gone.arrow: mask file does not exist"):
+            read(tmp_path / "gone.arrow")
 
 
 def test_wrong_format_is_rejected(tmp_path):

@@ -265,6 +265,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with pa.memory_map(str(path)) as src:
             return open_reader(src, path)[1]
+    except FileNotFoundError as e:
+        raise MaskError(f"{path}: mask file does not exist") from e
     except OSError as e:
         raise MaskError(f"{path}: not a readable Arrow IPC mask file ({e})") from e
 
@@ -301,6 +303,8 @@ def read_mask(path: str | os.PathLike, *, verify: bool = True) -> Mask:
     try:
         reader, meta = open_reader(pa.memory_map(str(path)), path)
         table = reader.read_all()
+    except FileNotFoundError as e:
+        raise MaskError(f"{path}: mask file does not exist") from e
     except (pa.ArrowInvalid, OSError) as e:
         raise MaskError(f"{path}: not a readable Arrow IPC mask file, truncated or corrupt ({e})") from e
     mask = Mask(path=path, meta=meta, table=table.replace_schema_metadata(None))
@@ -330,6 +334,45 @@ def check_chunks(
     if bad.any():
         r = int(np.flatnonzero(bad)[0])
         raise MaskError(f"{where(r)}: malformed chunk (length {int(length[r])}, {int(nbytes[r])} bytes of bits)")
+
+
+def check_coverage(
+    tensor: Sequence[str],
+    shape: Sequence[Sequence[int]],
+    chunk: np.ndarray,
+    length: np.ndarray,
+    chunk_elems: int,
+    *,
+    where: Callable[[int], str],
+) -> None:
+    """Each tensor's rows are one run of its chunks 0, 1, ... in order, each full but the
+    last, and together they hold exactly the elements of its shape (an empty tensor has one
+    empty row). Catches a dropped, repeated or reordered chunk, which the checksum cannot
+    when the file was written that way."""
+    seen: set[str] = set()
+    first = 0
+    for r in range(1, len(tensor) + 1):
+        if r < len(tensor) and tensor[r] == tensor[first]:
+            continue
+        name, dims = tensor[first], list(shape[first])
+        if name in seen:
+            raise MaskError(f"{where(first)}: tensor {name!r} appears in two separate runs of rows")
+        seen.add(name)
+        numel = math.prod(dims)
+        n_chunks = max(1, -(-numel // chunk_elems))
+        expected = np.minimum(chunk_elems, numel - np.arange(n_chunks) * chunk_elems)
+        if (
+            r - first != n_chunks
+            or not np.array_equal(chunk[first:r], np.arange(n_chunks))
+            or not np.array_equal(length[first:r], expected)
+            or any(list(s) != dims for s in shape[first:r])
+        ):
+            raise MaskError(
+                f"{where(first)}: its rows do not cover shape {dims} ({numel} elements in "
+                f"{n_chunks} chunk(s) of {chunk_elems}); found chunks {chunk[first:r].tolist()[:8]} "
+                f"with lengths {length[first:r].tolist()[:8]}"
+            )
+        first = r
 
 
 def check_changed(
@@ -377,7 +420,8 @@ def check_totals(total_changed: int, total_elems: int, meta: dict[str, Any], *, 
 
 
 def verify_mask(mask: Mask) -> None:
-    """Every row's shape and 'changed', the checksum and the totals of an opened mask."""
+    """Every row's shape and 'changed', each tensor's coverage, the checksum and the totals
+    of an opened mask."""
     t = mask.table
     tensor = t.column("tensor").to_pylist()
     offset = t.column("offset").to_numpy()
@@ -395,6 +439,8 @@ def verify_mask(mask: Mask) -> None:
 
     nbytes = np.fromiter(map(len, bits), dtype=np.int64, count=len(bits))
     check_chunks(length, nbytes, mask.chunk_elems, offset=offset, where=where)
+    shape = t.column("shape").to_pylist()
+    check_coverage(tensor, shape, t.column("chunk").to_numpy(), length, mask.chunk_elems, where=where)
     check_checksum(verify_rows(bits, changed.tolist(), where=where), mask.meta, where=str(mask.path))
     check_totals(int(changed.sum()), int(length.sum()), mask.meta, where=str(mask.path))
 

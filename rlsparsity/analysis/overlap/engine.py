@@ -82,8 +82,6 @@ def compute_overlap(
             metas.append(read_meta(p))
         except MaskError as e:
             raise MaskError(f"{lab}: {e}") from e
-        except FileNotFoundError as e:
-            raise MaskError(f"{lab}: mask file {p} does not exist") from e
     check_compatible(metas, labels)
     checksums = [str(m["checksum"]) for m in metas]
     total_elems = {int(m["total_elems"]) for m in metas}

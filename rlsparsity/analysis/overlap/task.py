@@ -21,7 +21,7 @@ from rlsparsity.contracts.mask import (
     bits_offsets,
     check_changed,
     open_reader,
-    verify_rows,
+    row_digest,
 )
 
 # A pack of rows processed together: 16384 words = one full chunk (128 KiB) per mask.
@@ -34,7 +34,8 @@ def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
     ``spec``: paths and labels (N, stack order), batch/in_batch (N, R) row coordinates,
     changed (N, R), nbytes, row_tensor and chunk (R,), tensor_names (id -> name), n_new,
     verify (N bools). Checks 'changed' against the bits of the first n_new masks and of
-    the verified ones, and digests the verified ones' rows (``verify_rows``). Returns
+    the verified ones (``check_changed``), and digests the verified ones' rows (``row_digest``,
+    as each row is copied). Returns
     per-tensor (k, n_new, N) counts and per-row digests (R, n_verify, 16).
     """
     paths: list[str] = spec["paths"]
@@ -60,7 +61,6 @@ def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
     # Memory-map every file once; fetch each record batch's bits buffers lazily.
     maps = [pa.memory_map(p) for p in paths]
     bufcache: list[dict[int, tuple[np.ndarray, pa.Buffer]]] = [{} for _ in range(n)]
-    views: list[list[memoryview]] = []
     try:
         readers = [open_reader(m, p)[0] for m, p in zip(maps, paths, strict=True)]
 
@@ -105,7 +105,6 @@ def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
             p0, p1 = pack[0], pack[-1] + 1
             starts = np.concatenate([[0], np.cumsum(words[pack])]).astype(np.int64)
             wp = int(starts[-1])
-            views = [[] for _ in range(n)]
             for k in range(n):
                 for s, r in enumerate(pack):
                     data, lo, hi = row_bytes(k, r)
@@ -115,7 +114,10 @@ def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
                         )
                     view = memoryview(data)[lo:hi]
                     if verify[k]:
-                        views[k].append(view)
+                        # Digest while the row is hot in cache, right before copying it:
+                        # the bits are read from memory once (a pack of N rows is too big
+                        # to stay in cache until after the kernel).
+                        digests[r, vpos[k]] = np.frombuffer(row_digest(view), dtype=np.uint8)
                     w0 = int(starts[s]) * 8
                     block8[k, w0 : w0 + (hi - lo)] = np.frombuffer(view, dtype=np.uint8)
                     block8[k, w0 + (hi - lo) : int(starts[s + 1]) * 8] = 0
@@ -146,16 +148,10 @@ def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
                 for i in range(n_new):
                     popc[rows_nz, i] = res[:, i, i]
                 np.add.at(acc, local[rows_nz], res)
-            # The pack's rows, still in cache: 'changed' against the popcounts, digests.
+            # 'changed' against the popcounts the kernels counted.
             for k in checked:
-                got, want = popc[p0:p1, k], changed[k, p0:p1]
-                if verify[k]:
-                    ds = verify_rows(views[k], want, popcounts=got, where=where(k, p0))
-                    digests[p0:p1, vpos[k]] = np.frombuffer(b"".join(ds), np.uint8).reshape(-1, 16)
-                else:
-                    check_changed(got, want, where=where(k, p0))
+                check_changed(popc[p0:p1, k], changed[k, p0:p1], where=where(k, p0))
     finally:
-        views.clear()  # drop the buffer views before unmapping
         for c in bufcache:
             c.clear()
         for m in maps:

@@ -22,6 +22,8 @@ ERROR_TAG: Final = "rlsparsity.error"  # on a FAILED run: what failed
 ANALYSIS_TAG: Final = "rlsparsity.analysis"  # on analysis runs: which analysis
 MASK_ARTIFACT_TAG: Final = "rlsparsity.mask_artifact"  # on analysis runs: which trial masks
 PLUGINS_TAG: Final = "rlsparsity.plugins"  # modules imported in every process of the sweep
+SUBNETWORK_TAG: Final = "rlsparsity.subnetwork"  # on masked trials: learned, random_global, ...
+SUBNETWORK_SOURCE_TAG: Final = "rlsparsity.subnetwork_source"  # the source trial's run id, or mask file
 PARENT_TAG: Final = "mlflow.parentRunId"  # MLflow's own nesting tag
 
 # --- run kinds (values of KIND_TAG)
@@ -37,6 +39,11 @@ TRIAL_FACTOR_TAGS: Final = ("seed", "data_seed", "dataset", "algorithm", "model"
 MASK_DIR: Final = "masks"
 OVERLAP_DIR: Final = "overlap"
 DIFF_DIR: Final = "diff"
+# A trial's final weights: a Hugging Face model directory (bf16 view, config, tokenizer).
+# Its manifest is uploaded last: a weights directory without one is incomplete.
+WEIGHTS_DIR: Final = "weights"
+WEIGHTS_MANIFEST: Final = "rlsparsity_weights.json"
+WEIGHTS_FORMAT: Final = "rlsparsity.weights/1"
 
 
 def mask_file_name(step: int | None) -> str:

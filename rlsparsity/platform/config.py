@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rlsparsity.contracts.mlflow_layout import DEFAULT_TRACKING_URI
 
@@ -21,6 +21,60 @@ class Strict(BaseModel):
 class MaskSpec(Strict):
     criterion: Literal["bitwise"] = "bitwise"
     every: int = Field(10, ge=1, description="write a mask every k optimizer steps (and at the end)")
+
+
+class RandomMaskSpec(Strict):
+    """A random subnetwork: ``density`` of the policy's entries, drawn with ``seed``."""
+
+    seed: int = 0
+    density: float | None = Field(
+        None, gt=0, le=1, description="share of entries in the mask; default: the source mask's (mask or run)"
+    )
+    draw: Literal["global", "per_tensor"] = Field(
+        "global", description="global: one draw over all parameters (the paper's notebook); "
+        "per_tensor: the same share in every tensor (Multiple Ticket)"
+    )
+
+
+class SubnetworkSpec(Strict):
+    """Train only the entries of a mask; every other entry of the policy stays at θ0, bit for bit.
+
+    The mask comes from a mask file, from a finished trial (``run`` id, or ``experiment`` plus
+    ``trial`` label, at checkpoint ``step``, default final) or, with ``random``, is drawn at
+    random (with the density of the file's or run's mask when ``random.density`` is unset).
+    """
+
+    mask: str | None = Field(None, description="a local rlsparsity.mask/1 file")
+    run: str | None = Field(None, description="the MLflow run id of a finished trial")
+    experiment: str | None = Field(None, description="with trial: the sweep's MLflow experiment")
+    trial: str | None = Field(None, description="with experiment: the trial's label, e.g. grpo/add/s0")
+    step: int | None = Field(None, ge=1, description="the trial's mask at this step; default: its final mask")
+    random: RandomMaskSpec | None = None
+    complement: bool = Field(False, description="train the entries outside the mask instead (a control)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SubnetworkSpec:
+        named = [k for k in ("mask", "run") if getattr(self, k) is not None]
+        if (self.experiment is None) != (self.trial is None):
+            raise ValueError("experiment and trial name a finished trial together; give both or neither")
+        if self.experiment is not None:
+            named.append("experiment/trial")
+        if len(named) > 1:
+            raise ValueError(f"give one mask source, not {' and '.join(named)}")
+        if not named and (self.random is None or self.random.density is None):
+            raise ValueError("no mask source: give mask, run or experiment/trial, or random with a density")
+        if self.complement and self.random is not None:
+            raise ValueError("complement applies to a learned mask; a random mask's complement is another random mask")
+        if self.step is not None and not (self.run or self.experiment):
+            raise ValueError("step selects a finished trial's mask; it needs run or experiment/trial")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """learned, random_global, random_per_tensor, or complement (of the learned mask)."""
+        if self.random is not None:
+            return f"random_{self.random.draw}"
+        return "complement" if self.complement else "learned"
 
 
 class TrainingSpec(Strict):
@@ -46,6 +100,11 @@ class TrainingSpec(Strict):
     )
     eval_problems: int = Field(200, ge=1, description="test problems for greedy accuracy")
     masks: MaskSpec = MaskSpec()
+    save_weights: Literal["final", "none"] | None = Field(
+        None, description="final: log the final bf16 weights as a Hugging Face model directory "
+        "(2 bytes per parameter); default final below 1e9 parameters, an explicit choice above"
+    )
+    subnetwork: SubnetworkSpec | None = Field(None, description="train only a mask's entries of the policy")
 
 
 class VLLMSpec(Strict):

@@ -30,7 +30,13 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from rlsparsity.contracts.mlflow_layout import FINAL_PREFIX, MASK_DIR, mask_file_name
+from rlsparsity.contracts.mlflow_layout import (
+    FINAL_PREFIX,
+    MASK_DIR,
+    WEIGHTS_DIR,
+    WEIGHTS_MANIFEST,
+    mask_file_name,
+)
 from rlsparsity.platform.algorithms import Models, get_algorithm
 from rlsparsity.platform.batches import token_logprobs
 from rlsparsity.platform.config import TrainingSpec
@@ -43,7 +49,9 @@ from rlsparsity.platform.evaluation import (
 )
 from rlsparsity.platform.mask_recorder import MaskRecorder
 from rlsparsity.platform.models import load_model, load_tokenizer
+from rlsparsity.platform.models.saving import save_bf16_model, write_manifest
 from rlsparsity.platform.sources import StepContext, formatted, get_source
+from rlsparsity.platform.subnetwork import SubnetworkMask, build_mask
 from rlsparsity.platform.tasks import REWARDS, get_task
 from rlsparsity.platform.trial_spec import TrialSpec
 from rlsparsity.platform.weight_sync import Bf16SyncState, choose_patch
@@ -55,6 +63,8 @@ class Sink(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
     def log_artifact(self, path: Path, artifact_dir: str) -> None: ...
+
+    def log_artifacts(self, path: Path, artifact_dir: str) -> None: ...
 
 
 @dataclass
@@ -71,6 +81,9 @@ class LocalSink:
         dest = Path(self.root) / artifact_dir
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, dest / Path(path).name)
+
+    def log_artifacts(self, path: Path, artifact_dir: str) -> None:
+        shutil.copytree(path, Path(self.root) / artifact_dir, dirs_exist_ok=True)
 
 
 def tied_groups(model: torch.nn.Module) -> list[list[str]]:
@@ -93,6 +106,22 @@ def lr_schedule(opt: torch.optim.Optimizer, t: TrainingSpec) -> torch.optim.lr_s
         return get_constant_schedule_with_warmup(opt, warmup, last_epoch=0)
     make = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}[t.lr_schedule]
     return make(opt, warmup, total, last_epoch=0)
+
+
+# Above this many parameters a trial saves its weights only when the spec says so.
+SAVE_WEIGHTS_LIMIT = 1_000_000_000
+
+
+def weights_choice(t: TrainingSpec, n_params: int) -> str:
+    """training.save_weights, resolved: final by default for models under 1e9 parameters."""
+    if t.save_weights is not None:
+        return t.save_weights
+    if n_params >= SAVE_WEIGHTS_LIMIT:
+        raise ValueError(
+            f"training.save_weights: the model has {n_params:.3g} parameters; saving its final weights "
+            f"writes {2 * n_params / 1e9:.1f} GB to the artifact store per trial, so choose 'final' or 'none' explicitly"
+        )
+    return "final"
 
 
 def minibatch_rows(n_rows: int, n_minibatches: int, group: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -131,11 +160,13 @@ class Learner:
         world: int = 1,
         threads: int = 1,
         wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        subnetwork_mask: str | Path | None = None,
     ) -> None:
         self.spec, self.model_path, self.base = spec, str(model_path), base
         self.make_rollout, self.sink, self.target = rollout, sink, dict(target or {})
         self.rank, self.world, self.threads = rank, world, threads
         self.wrap = wrap or (lambda m: m)
+        self.subnetwork_mask = subnetwork_mask  # the source mask file of training.subnetwork
         self.leader = rank == 0
         self.step_done = 0
 
@@ -159,10 +190,16 @@ class Learner:
         reference = copy.deepcopy(policy).eval().requires_grad_(False) if t.kl_coef > 0 or self.algo.uses_reference else None
         aux = self.algo.aux(policy, self.acfg, t) if self.algo.aux else {}
         self.named = list(policy.named_parameters())
+        self.save_weights = weights_choice(t, sum(p.numel() for _, p in self.named))
+        self.subnet = None
+        if t.subnetwork is not None:
+            masks = build_mask(t.subnetwork, self.named, mask_path=self.subnetwork_mask, base=self.base, tied=tied_groups(policy))
+            self.subnet = SubnetworkMask(self.named, masks)
         self.rollout = self.make_rollout(self.named)
         self.models = Models(self.wrap(policy), reference, {k: self.wrap(a.module) for k, a in aux.items()})
         # The policy's optimizer first, then each side model's own.
-        trained = [(policy, t.lr, t.weight_decay, t.max_grad_norm)]
+        # A subnetwork's weight decay is applied at its entries only, outside the optimizer.
+        trained = [(policy, t.lr, 0.0 if self.subnet else t.weight_decay, t.max_grad_norm)]
         trained += [(a.module, a.lr, a.weight_decay, a.max_grad_norm) for a in aux.values()]
         self.optimized = []
         for module, lr, wd, max_norm in trained:
@@ -223,10 +260,14 @@ class Learner:
         for o in self.optimized:
             o.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.subnet is not None:
+            self.subnet.mask_grads()
         norms = {}
         for i, o in enumerate(self.optimized):
             if o.max_grad_norm is not None:
                 norms["grad_norm" if i == 0 else f"grad_norm_aux{i}"] = torch.nn.utils.clip_grad_norm_(o.params, o.max_grad_norm).item()
+            if i == 0 and self.subnet is not None:
+                self.subnet.decay(o.optimizer.param_groups[0]["lr"], self.spec.training.weight_decay)
             o.optimizer.step()
         return norms
 
@@ -254,7 +295,20 @@ class Learner:
             if self.sink is not None:
                 self.sink.log_artifact(path, MASK_DIR)
         self.last_mask_stats = stats
-        return stats.metrics()
+        metrics = stats.metrics()
+        if self.subnet is not None:
+            self.check_subnetwork()
+            metrics["subnetwork_density"] = self.subnet.density
+        return metrics
+
+    def check_subnetwork(self) -> None:
+        """Rank 0: fail the trial if any policy entry outside the subnetwork left θ0."""
+        theta0 = self.recorder.base_master
+        for view in (None, torch.bfloat16):
+            moved = self.subnet.outside_changes(theta0, view)
+            if moved:
+                where = "float32 masters" if view is None else "bf16 view"
+                raise RuntimeError(f"subnetwork training moved entries outside the mask in the {where}: {moved}")
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         if self.sink is not None:
@@ -276,8 +330,26 @@ class Learner:
                 summary[f"train_{key}_first"], summary[f"train_{key}_last"] = first_last(curve)
         summary.update(sync_bytes_total=self.sync_bytes, sync_dense_bytes_total=self.dense_bytes)
         summary.update(self.last_mask_stats.metrics(FINAL_PREFIX))
+        if self.save_weights == "final":
+            summary["weights_bytes"] = self._save_weights()
         self._log({k: v for k, v in summary.items() if not k.endswith("_before")}, step=t.steps)
         return summary
+
+    def _save_weights(self) -> float:
+        """Log the final bf16 view as a Hugging Face directory; its manifest goes last, so
+        a reader never takes a partly uploaded directory for a complete one."""
+        if self.sink is None:
+            return 0.0
+        with tempfile.TemporaryDirectory(prefix="rlsparsity-weights-") as workdir:
+            model_dir = Path(workdir) / WEIGHTS_DIR
+            files = save_bf16_model(self.policy, self.tok, model_dir)
+            info = {"base": self.base, "target": {**self.target, "step": self.step_done}}
+            if self.subnet is not None:
+                info["subnetwork"] = {"kind": self.spec.training.subnetwork.kind, "density": self.subnet.density}
+            manifest = write_manifest(files, model_dir, Path(workdir) / WEIGHTS_MANIFEST, info)
+            self.sink.log_artifacts(model_dir, WEIGHTS_DIR)
+            self.sink.log_artifact(manifest, WEIGHTS_DIR)
+            return float(sum(f.stat().st_size for f in files))
 
 
 def run_learner(learner: Learner, *, after_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:

@@ -102,6 +102,9 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         _retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
+    def log_artifacts(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        _retry(lambda: self.client.log_artifacts(run_id, str(path), artifact_path))
+
     def finish(self, run_id: str, ok: bool, *, killed: bool = False) -> None:
         status = "FINISHED" if ok else "KILLED" if killed else "FAILED"
         _retry(lambda: self.client.set_terminated(run_id, status))
@@ -119,3 +122,6 @@ class RunSink:
 
     def log_artifact(self, path: str | os.PathLike, artifact_dir: str) -> None:
         self.tracker.log_artifact(self.run_id, path, artifact_dir)
+
+    def log_artifacts(self, path: str | os.PathLike, artifact_dir: str) -> None:
+        self.tracker.log_artifacts(self.run_id, path, artifact_dir)

@@ -24,7 +24,7 @@ REPORT_EVERY = 10  # steps between progress reports to Ray Train / Tune
 
 def train_loop(cfg: dict[str, Any]) -> None:
     """cfg: spec (TrialSpec), plugins and plugin_paths, model_path, base (id/hash), run_id,
-    tracking_uri, rollout_actors, threads."""
+    tracking_uri, rollout_actors, threads, subnetwork_mask (a local file or None)."""
     spec = cfg["spec"]
     import_plugins(spec.plugins, cfg.get("plugin_paths", ()))
     # Ray Train logs every report at INFO; the per-step metrics already go to Tune and MLflow.
@@ -41,6 +41,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
         rollout=lambda named: RolloutPool(cfg["rollout_actors"], named), sink=sink,
         rank=rank, world=world, threads=cfg["threads"],
         wrap=(lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None,
+        subnetwork_mask=cfg.get("subnetwork_mask"),
     )
 
     def after_step(step: int, metrics: dict[str, float]) -> None:

@@ -24,6 +24,7 @@ from rlsparsity.platform.algorithms import get_algorithm
 from rlsparsity.platform.cluster import init_ray
 from rlsparsity.platform.models import load_tokenizer, model_content_hash, resolve_model
 from rlsparsity.platform.plugins import search_paths_of
+from rlsparsity.platform.subnetwork_source import SourceError, fetch_source_mask
 from rlsparsity.platform.tracking import Tracker, git_commit
 from rlsparsity.sweeps.spec import SpecError, SweepSpec, apply_overrides
 from rlsparsity.sweeps.trial import COMPLETE_KEY, run_trial
@@ -92,6 +93,8 @@ def sweep(
         raise SpecError(f"invalid sweep spec:\n  training.prompt_format: 'chat' needs a chat template, and {first.model}'s tokenizer has none; use 'native'")
     base = {"id": first.model, "hash": model_content_hash(model_path)}
     tracker = Tracker(first.tracking.uri, first.tracking.artifact_location)
+    storage = Path(os.environ.get("RLSPARSITY_RAY_STORAGE", Path.cwd() / ".rlsparsity" / "ray")).resolve()
+    subnetwork_masks = _fetch_subnetwork_masks(spec, tracker, storage.parent / "masks", base)
     init_ray()
 
     experiment_id = tracker.experiment(spec.name)
@@ -109,7 +112,6 @@ def sweep(
     try:
         tracker.log_params(sweep_run_id, {"spec": json.dumps(spec.to_dict()), "trials": len(spec.grid()),
                                           **{f"axis.{k}": json.dumps(v) for k, v in spec.axes.items()}})
-        storage = Path(os.environ.get("RLSPARSITY_RAY_STORAGE", Path.cwd() / ".rlsparsity" / "ray")).resolve()
         ctx = {
             "raw_spec": spec.to_dict(),
             "plugins": spec.plugins,
@@ -122,6 +124,7 @@ def sweep(
             "sweep_run_id": sweep_run_id,
             "git_commit": commit,
             "storage_path": str(storage),
+            "subnetwork_masks": subnetwork_masks,
         }
         fits = max(1, math.floor(ray.cluster_resources().get("CPU", 1) / max(t.cpus() for t in spec.trials())))
         concurrent = first.resources.max_concurrent_trials or fits
@@ -166,6 +169,23 @@ def sweep(
     if not result.ok:
         raise SweepFailed(result)
     return result
+
+
+def _fetch_subnetwork_masks(spec: SweepSpec, tracker: Tracker, dest: Path, base: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Each masked trial's source mask as a local file, with its source (run id or file),
+    checked before anything runs."""
+    out: dict[str, tuple[str, str]] = {}
+    for trial in spec.trials():
+        sub = trial.training.subnetwork
+        if sub is None:
+            continue
+        try:
+            found = fetch_source_mask(sub, tracker, dest, base)
+        except SourceError as e:
+            raise SpecError(f"invalid sweep spec:\n  trial {trial.label}: {e}") from e
+        if found is not None:
+            out[trial.label] = (str(found[0]), found[1])
+    return out
 
 
 def _error_text(error: BaseException | None) -> str:

@@ -18,7 +18,14 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlsparsity.contracts.mlflow_layout import ERROR_TAG, KIND_TRIAL, LABEL_TAG, SUMMARY_METRICS
+from rlsparsity.contracts.mlflow_layout import (
+    ERROR_TAG,
+    KIND_TRIAL,
+    LABEL_TAG,
+    SUBNETWORK_SOURCE_TAG,
+    SUBNETWORK_TAG,
+    SUMMARY_METRICS,
+)
 from rlsparsity.platform.plugins import import_plugins
 from rlsparsity.platform.rollout import RolloutActor
 from rlsparsity.platform.tracking import Tracker
@@ -39,7 +46,17 @@ def trial_tags(spec: TrialSpec, ctx: dict[str, Any]) -> dict[str, Any]:
         "base_hash": ctx["base"]["hash"],
         "git_commit": ctx["git_commit"],
         LABEL_TAG: spec.label,
+        **subnetwork_tags(spec, ctx),
     }
+
+
+def subnetwork_tags(spec: TrialSpec, ctx: dict[str, Any]) -> dict[str, Any]:
+    """A masked trial's kind and source, so the analysis can pair it with its full trial."""
+    sub = spec.training.subnetwork
+    if sub is None:
+        return {}
+    _, source = ctx.get("subnetwork_masks", {}).get(spec.label, (None, "none"))
+    return {SUBNETWORK_TAG: sub.kind, SUBNETWORK_SOURCE_TAG: source}
 
 
 def engine_options(spec: TrialSpec) -> dict[str, Any] | None:
@@ -104,6 +121,7 @@ def run_trial(point: dict[str, Any], label: str, ctx: dict[str, Any]) -> None:
                 "tracking_uri": tracker.uri,
                 "rollout_actors": actors,
                 "threads": max(1, int(res.cpus_per_learner)),
+                "subnetwork_mask": ctx.get("subnetwork_masks", {}).get(spec.label, (None,))[0],
             },
             scaling_config=ScalingConfig(
                 num_workers=res.learners,

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rlsparsity.sweeps.run import SweepResult
+    from rlsparsity.sweeps.study import StudyResult
 
 __version__ = "0.1.0"
 
@@ -14,8 +15,15 @@ from rlsparsity.contracts.mlflow_layout import DEFAULT_TRACKING_URI
 __all__ = ["DEFAULT_TRACKING_URI", "sweep"]
 
 
-def sweep(spec: Any, overrides: tuple[str, ...] = ()) -> SweepResult:
-    """Run a sweep from a `SweepSpec`, a dict or a YAML path; see `rlsparsity.sweeps.run.sweep`."""
+def sweep(spec: Any, overrides: tuple[str, ...] = ()) -> SweepResult | StudyResult:
+    """Run a sweep from a `SweepSpec`, a dict or a YAML path; see `rlsparsity.sweeps.run.sweep`.
+    A spec with `subnetwork_stages` runs a staged study (`rlsparsity.sweeps.study.run_study`)."""
+    from rlsparsity.sweeps.run import load_spec
     from rlsparsity.sweeps.run import sweep as _sweep
 
-    return _sweep(spec, overrides)
+    spec = load_spec(spec, overrides)
+    if spec.stages is not None:
+        from rlsparsity.sweeps.study import run_study
+
+        return run_study(spec)
+    return _sweep(spec)

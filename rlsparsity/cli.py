@@ -29,11 +29,23 @@ def _run_sweep(args: argparse.Namespace) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=160)
     spec = load_spec(args.spec, args.overrides)
     if args.dry_run:
-        for t in spec.trials():
-            console.print(t.label)
+        if spec.stages is None:
+            for t in spec.trials():
+                console.print(t.label)
+            return 0
+        from rlsparsity.sweeps.study import stage_spec
+
+        for kind in ("full", *spec.stages.kinds):
+            for t in stage_spec(spec, kind).trials():
+                console.print(t.label)
         return 0
     try:
-        sweep(spec, console=console)
+        if spec.stages is not None:
+            from rlsparsity.sweeps.study import run_study
+
+            run_study(spec, console=console)
+        else:
+            sweep(spec, console=console)
     except SweepFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

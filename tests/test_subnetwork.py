@@ -236,7 +236,7 @@ def test_a_finished_trials_mask_is_fetched_by_run_id_or_by_experiment_and_label(
 
 
 def test_a_sweep_with_a_bad_mask_source_is_refused_before_any_trial(embedded_model_dir, tmp_path):
-    import ray
+    from mlflow.tracking import MlflowClient
 
     import rlsparsity
     from rlsparsity.sweeps.spec import SpecError
@@ -244,9 +244,11 @@ def test_a_sweep_with_a_bad_mask_source_is_refused_before_any_trial(embedded_mod
     db = f"sqlite:///{tmp_path / 'm.db'}"
     other = _final_mask(tmp_path / "other", {"id": "x", "hash": "sha256:other"})
     for sub, message in [
-        ({"run": "nope"}, r"trial sft/add/s0: training.subnetwork.run: no MLflow run 'nope'"),
-        ({"mask": str(other)}, r"trial sft/add/s0: training.subnetwork: .*against base sha256:other but this trial trains base sha256:"),
+        ({"run": "nope"}, r"trial sft/add/s0/learned: training.subnetwork.run: no MLflow run 'nope'"),
+        ({"mask": str(other)}, r"trial sft/add/s0/learned: training.subnetwork: .*against base sha256:other but this trial trains base sha256:"),
     ]:
         with pytest.raises(SpecError, match=message):
-            rlsparsity.sweep({"algorithm": "sft", "dataset": "add", "tracking": {"uri": db}, "training": {"subnetwork": sub}})
-    assert not ray.is_initialized()
+            rlsparsity.sweep({"name": "refused", "algorithm": "sft", "dataset": "add", "tracking": {"uri": db},
+                              "training": {"subnetwork": sub}})
+    # Refused before the sweep's experiment, its runs or its Ray trials existed.
+    assert MlflowClient(tracking_uri=db).get_experiment_by_name("refused") is None

@@ -24,6 +24,8 @@ MASK_ARTIFACT_TAG: Final = "rlsparsity.mask_artifact"  # on analysis runs: which
 PLUGINS_TAG: Final = "rlsparsity.plugins"  # modules imported in every process of the sweep
 SUBNETWORK_TAG: Final = "rlsparsity.subnetwork"  # on masked trials: learned, random_global, ...
 SUBNETWORK_SOURCE_TAG: Final = "rlsparsity.subnetwork_source"  # the source trial's run id, or mask file
+STAGE_TAG: Final = "rlsparsity.stage"  # on a study's stage sweeps: full, learned, random_global, ...
+STAGE_KEY_TAG: Final = "rlsparsity.stage_key"  # hash of the stage's spec: a finished one is reused
 PARENT_TAG: Final = "mlflow.parentRunId"  # MLflow's own nesting tag
 
 # --- run kinds (values of KIND_TAG)
@@ -31,6 +33,7 @@ KIND_SWEEP: Final = "sweep"
 KIND_TRIAL: Final = "trial"
 KIND_ANALYSIS: Final = "analysis"
 KIND_DIFF: Final = "diff"
+KIND_STUDY: Final = "study"  # a staged subnetwork study; its stages' sweep runs nest under it
 
 # Tags every trial run carries besides its kind and label (the factors analyses group by).
 TRIAL_FACTOR_TAGS: Final = ("seed", "data_seed", "dataset", "algorithm", "model", "base_hash", "git_commit")

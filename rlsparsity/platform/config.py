@@ -47,7 +47,10 @@ class SubnetworkSpec(Strict):
     mask: str | None = Field(None, description="a local rlsparsity.mask/1 file")
     run: str | None = Field(None, description="the MLflow run id of a finished trial")
     experiment: str | None = Field(None, description="with trial: the sweep's MLflow experiment")
-    trial: str | None = Field(None, description="with experiment: the trial's label, e.g. grpo/add/s0")
+    trial: str | None = Field(
+        None, description="with experiment: the trial's label, e.g. grpo/add/s0; '{label}' stands for "
+        "this trial's own label without its subnetwork kind (the full trial of the same grid point)"
+    )
     step: int | None = Field(None, ge=1, description="the trial's mask at this step; default: its final mask")
     random: RandomMaskSpec | None = None
     complement: bool = Field(False, description="train the entries outside the mask instead (a control)")

@@ -26,8 +26,9 @@ class SourceError(ValueError):
     """A subnetwork's mask source does not exist or does not fit this trial."""
 
 
-def find_trial_run(tracker: Tracker, sub: SubnetworkSpec) -> str:
-    """The run id of the finished trial ``sub`` names."""
+def find_trial_run(tracker: Tracker, sub: SubnetworkSpec, label: str = "") -> str:
+    """The run id of the finished trial ``sub`` names; ``label`` fills '{label}' in its
+    ``trial`` (the masked trial's own grid point)."""
     client = tracker.client
     if sub.run is not None:
         try:
@@ -42,30 +43,33 @@ def find_trial_run(tracker: Tracker, sub: SubnetworkSpec) -> str:
     exp = client.get_experiment_by_name(sub.experiment)
     if exp is None:
         raise SourceError(f"training.subnetwork.experiment: no MLflow experiment {sub.experiment!r} in {tracker.uri}")
+    trial = sub.trial.replace("{label}", label)
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.`{LABEL_TAG}` = '{sub.trial}' and tags.`{KIND_TAG}` = '{KIND_TRIAL}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{LABEL_TAG}` = '{trial}' and tags.`{KIND_TAG}` = '{KIND_TRIAL}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
     if not runs:
         raise SourceError(
-            f"training.subnetwork.trial: experiment {sub.experiment!r} has no FINISHED trial labelled {sub.trial!r}"
+            f"training.subnetwork.trial: experiment {sub.experiment!r} has no FINISHED trial labelled {trial!r}"
         )
     return runs[0].info.run_id
 
 
-def fetch_source_mask(sub: SubnetworkSpec, tracker: Tracker, dest: Path, base: dict[str, Any]) -> tuple[Path, str] | None:
+def fetch_source_mask(
+    sub: SubnetworkSpec, tracker: Tracker, dest: Path, base: dict[str, Any], label: str = ""
+) -> tuple[Path, str] | None:
     """The local file of ``sub``'s source mask and where it came from (the trial's run id, or
     the file), checked against ``base``; None for a random mask with its own density. A
-    trial's mask is downloaded under ``dest``."""
+    trial's mask is downloaded under ``dest``; ``label`` fills '{label}' in ``sub.trial``."""
     if sub.mask is not None:
         path = Path(sub.mask).expanduser().resolve()
         if not path.is_file():
             raise SourceError(f"training.subnetwork.mask: no mask file {str(path)!r}")
         source = str(path)
     elif sub.run is not None or sub.experiment is not None:
-        run_id = find_trial_run(tracker, sub)
+        run_id = find_trial_run(tracker, sub, label)
         have = {Path(a.path).name for a in tracker.client.list_artifacts(run_id, MASK_DIR)}
         name = mask_file_name(sub.step)
         if name not in have:

@@ -90,8 +90,15 @@ class TrialSpec(Strict):
         return _validate_algorithm_config(self.algorithm, self.algorithm_config.get(self.algorithm, {}))
 
     @property
-    def label(self) -> str:
+    def base_label(self) -> str:
+        """algorithm/dataset/seed[/data seed]: the grid point, whatever the subnetwork."""
         return f"{self.algorithm}/{self.dataset}/s{self.seed}" + ("" if self.data_seed is None else f"/d{self.data_seed}")
+
+    @property
+    def label(self) -> str:
+        """The base label, plus the subnetwork's kind for a masked trial (grpo/add/s0/learned)."""
+        sub = self.training.subnetwork
+        return self.base_label + ("" if sub is None else f"/{sub.kind}")
 
     @property
     def problem_seed(self) -> int:

@@ -75,14 +75,20 @@ def sweep(
     overrides: Iterable[str] = (),
     *,
     console: Console | None = None,
+    parent_run_id: str | None = None,
+    run_tags: Mapping[str, Any] | None = None,
 ) -> SweepResult:
     """Run every trial of the grid on Ray Tune and return their summaries.
 
     Raises `SpecError` before anything runs for a bad spec, and `SweepFailed` (carrying the
     result, completed trials included) when any trial failed; its MLflow run and the
-    sweep's are then FAILED."""
+    sweep's are then FAILED. ``parent_run_id`` nests the sweep run (a study's stage) and
+    ``run_tags`` tag it."""
     console = console or Console()
     spec = load_spec(spec, overrides)
+    if spec.stages is not None:
+        raise SpecError("invalid sweep spec:\n  subnetwork_stages: a staged study runs with rlsparsity.sweep() or "
+                        "`rlsparsity sweep`, which call rlsparsity.sweeps.study.run_study")
     for key in SWEEP_WIDE:
         if key in spec.axes:
             raise SpecError(f"invalid sweep spec:\n  {key}: is sweep-wide and cannot be a list (one sweep = one experiment, one θ0)")
@@ -103,7 +109,8 @@ def sweep(
         experiment_id,
         f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
         kind=KIND_SWEEP,
-        tags={"model": first.model, "base_hash": base["hash"], "git_commit": commit,
+        parent=parent_run_id,
+        tags={**(run_tags or {}), "model": first.model, "base_hash": base["hash"], "git_commit": commit,
               GRID_AXES_TAG: json.dumps(sorted(spec.axes)),
               **({PLUGINS_TAG: json.dumps(spec.plugins)} if spec.plugins else {})},
     )
@@ -180,7 +187,7 @@ def _fetch_subnetwork_masks(spec: SweepSpec, tracker: Tracker, dest: Path, base:
         if sub is None:
             continue
         try:
-            found = fetch_source_mask(sub, tracker, dest, base)
+            found = fetch_source_mask(sub, tracker, dest, base, trial.base_label)
         except SourceError as e:
             raise SpecError(f"invalid sweep spec:\n  trial {trial.label}: {e}") from e
         if found is not None:

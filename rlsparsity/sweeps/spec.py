@@ -11,10 +11,10 @@ import itertools
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rlsparsity.platform.plugins import PluginError, check_names, import_plugins
 from rlsparsity.platform.trial_spec import TrialSpec, fields_at
@@ -62,6 +62,32 @@ def _format_error(e: ValidationError, axis_values: Mapping[str, Any]) -> str:
     return "invalid sweep spec" + where + ":\n" + "\n".join(lines)
 
 
+STAGE_KINDS = ("learned", "complement", "random_global", "random_per_tensor")
+
+
+class StagesSpec(BaseModel):
+    """`subnetwork_stages`: after the full trials, one masked stage per kind, each over the
+    same grid, each trial masked by its own grid point's full trial (RQ2/RQ3)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kinds: tuple[Literal["learned", "complement", "random_global", "random_per_tensor"], ...] = (
+        "learned", "random_global", "random_per_tensor",
+    )
+    random_seed: int = Field(0, description="the seed of the random masks' draws")
+    step: int | None = Field(None, ge=1, description="the full trials' mask at this step; default final")
+
+    def subnetwork(self, kind: str, experiment: str) -> dict[str, Any]:
+        """The `training.subnetwork` section of stage ``kind``."""
+        sub: dict[str, Any] = {"experiment": experiment, "trial": "{label}"}
+        if self.step is not None:
+            sub["step"] = self.step
+        if kind == "complement":
+            sub["complement"] = True
+        elif kind.startswith("random_"):
+            sub["random"] = {"seed": self.random_seed, "draw": kind.removeprefix("random_")}
+        return sub
+
+
 class SweepSpec:
     """A validated sweep: a template plus grid axes (dotted field -> list of values)."""
 
@@ -74,6 +100,12 @@ class SweepSpec:
             import_plugins(self.plugins)
         except PluginError as e:
             raise SpecError(f"invalid sweep spec:\n  {e}") from None
+        # `subnetwork_stages` is not a trial field either: it makes the sweep a staged study.
+        stages = raw.pop("subnetwork_stages", None)
+        try:
+            self.stages = None if stages is None else StagesSpec.model_validate(stages)
+        except ValidationError as e:
+            raise SpecError(_format_error(e, {}).replace("\n  ", "\n  subnetwork_stages.", 1)) from None
         flat = flatten(raw)
         self.axes: dict[str, list[Any]] = {k: list(v) for k, v in flat.items() if isinstance(v, list)}
         for k, v in self.axes.items():
@@ -116,6 +148,8 @@ class SweepSpec:
         out = unflatten({**self.template, **self.axes})
         if self.plugins:
             out["plugins"] = list(self.plugins)
+        if self.stages is not None:
+            out["subnetwork_stages"] = self.stages.model_dump(mode="json")
         return out
 
 

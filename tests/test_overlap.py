@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -357,6 +358,69 @@ def test_tampered_mask_rejected(mask_set, tmp_path) -> None:
         compute_overlap(
             [paths[2], victim], ["other", "victim"], use_ray=False, cache_dir=tmp_path / "c2"
         )
+
+
+def test_claimed_checksum_is_not_trusted(mask_set, tmp_path, capsys) -> None:
+    """A tampered mask (bits flipped, counts fixed up, the original's checksum kept) is
+    refused against its original, against a pair the cache holds, alone, and after an edit
+    in place that restores the mtime: nothing keyed by a checksum is used unverified."""
+    from rlsparsity.analysis.overlap_cli import main
+
+    paths, _ = mask_set
+    forged = tmp_path / "forged.arrow"
+    _rewrite(paths[1], forged, flip=True)
+    assert ov.engine.read_meta(forged)["checksum"] == ov.engine.read_meta(paths[1])["checksum"]
+    # The pair claims one checksum: before, taken as identical without reading (Jaccard 1.0).
+    with pytest.raises(MaskError, match="forged .*checksum mismatch"):
+        compute_overlap([paths[1], forged], ["orig", "forged"], use_ray=False, use_cache=False)
+    rc = main(
+        ["overlap", str(paths[1]), str(forged), "--labels", "orig,forged", "--local",
+         "--no-cache", "-q", "--no-progress"]
+    )  # fmt: skip
+    assert rc == 2 and "checksum mismatch" in capsys.readouterr().err
+    # The cache holds (paths[0], paths[1]): the forged file claims paths[1]'s checksum.
+    cache = tmp_path / "cache"
+    good = compute_overlap(paths[:2], ["a", "b"], use_ray=False, cache_dir=cache)
+    for args in ([paths[0], forged], [paths[1], forged], [forged]):
+        with pytest.raises(MaskError, match="forged .*checksum mismatch"):
+            compute_overlap(args, ["a", "forged"][: len(args)] if len(args) == 2 else ["forged"],
+                            use_ray=False, cache_dir=cache)  # fmt: skip
+    # The honest files still come from the cache, without a read.
+    again = compute_overlap(paths[:2], ["a", "b"], use_ray=False, cache_dir=cache)
+    assert again.stats["bytes_read"] == 0 and again.stats["verified"] == []
+    np.testing.assert_array_equal(again.inter, good.inter)
+    # Edited in place (same inode and size), mtime set back: ctime still tells.
+    victim = tmp_path / "victim.arrow"
+    victim.write_bytes(paths[1].read_bytes())
+    compute_overlap([paths[0], victim], ["a", "victim"], use_ray=False, cache_dir=cache)
+    st = victim.stat()
+    # Swap two differing bits of one row in the file's bytes: popcounts and size unchanged.
+    with pa.memory_map(str(victim)) as f:
+        row = pa.ipc.open_file(f).read_all().column("bits")[0].as_py()
+    raw = bytearray(victim.read_bytes())
+    k = next(i for i, b in enumerate(row) if b not in (0, 255))
+    at = raw.find(row) + k
+    assert at >= k and raw.find(row, at - k + 1) == -1
+    bit = next(i for i in range(7) if ((raw[at] >> i) & 1) != ((raw[at] >> (i + 1)) & 1))
+    raw[at] ^= 3 << bit
+    with open(victim, "r+b") as f:
+        f.write(raw)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = victim.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    with pytest.raises(MaskError, match="victim .*checksum mismatch"):
+        compute_overlap([paths[0], victim], ["a", "victim"], use_ray=False, cache_dir=cache)
+
+
+def test_single_mask_is_verified(mask_set, tmp_path) -> None:
+    paths, arrays = mask_set
+    res = compute_overlap([paths[0]], ["only"], use_ray=False, use_cache=False)
+    assert res.stats["verified"] == ["only"] and res.stats["bytes_read"] > 0
+    assert int(res.inter[0, 0]) == sum(int(a.sum()) for a in arrays[0].values())
+    bad = tmp_path / "bad.arrow"
+    _rewrite(paths[0], bad, flip=True)
+    with pytest.raises(MaskError, match="bad .*checksum mismatch"):
+        compute_overlap([bad], ["bad"], use_ray=False, use_cache=False)
 
 
 def test_json_keys(mask_set) -> None:

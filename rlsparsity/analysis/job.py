@@ -43,9 +43,20 @@ from rlsparsity.contracts.mlflow_layout import (
 
 
 def _client(tracking_uri: str) -> Any:
+    """A client of an existing store: reading must not create an empty SQLite database."""
     from mlflow import MlflowClient
 
+    db = _sqlite_path(tracking_uri)
+    if db is not None and not db.is_file():
+        raise OverlapError(f"no MLflow tracking database at {db} (tracking URI {tracking_uri!r}); "
+                           "run a sweep first, or pass --tracking-uri")
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        return None
+    return Path(uri.removeprefix("sqlite:///")).expanduser()
 
 
 def _search_all(

@@ -282,6 +282,11 @@ def _parse_meta(path: Path, schema: pa.Schema) -> dict[str, Any]:
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise MaskError(f"{path}: metadata lacks {missing}")
+    if not isinstance(meta["base"], dict):
+        raise MaskError(
+            f"{path}: metadata field 'base' is {type(meta['base']).__name__} {meta['base']!r}, "
+            "expected a mapping with the base model's 'id' and 'hash'"
+        )
     for field in SCHEMA:
         if field.name not in schema.names or schema.field(field.name).type != field.type:
             raise MaskError(f"{path}: column {field.name!r} missing or not {field.type}")

@@ -7,15 +7,35 @@ them and checks names against the registries.
 
 from __future__ import annotations
 
-from typing import Literal
+import typing
+from typing import Any, Literal
+from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from rlsparsity.contracts.mlflow_layout import DEFAULT_TRACKING_URI
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v: Any, info: ValidationInfo) -> Any:
+        # YAML 1.1 reads yes/no/on/off as booleans, and pydantic would take them as 1 and 0:
+        # `lr: yes` must not become 1.0. Strict mode would also refuse YAML's `1e-4`, a string.
+        if isinstance(v, bool) and info.field_name is not None:
+            ann = cls.model_fields[info.field_name].annotation
+            if ann is not bool and bool not in typing.get_args(ann) and ann is not Any:
+                raise ValueError(f"expected {_type_name(ann)}, got the boolean {str(v).lower()}")
+        return v
+
+
+def _type_name(ann: Any) -> str:
+    args = [a for a in typing.get_args(ann) if a is not type(None)] or [ann]
+    if typing.get_origin(ann) is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    return " or ".join(getattr(a, "__name__", str(a)) for a in args)
 
 
 class MaskSpec(Strict):
@@ -92,7 +112,7 @@ class TrainingSpec(Strict):
     max_new_tokens: int = Field(8, ge=1)
     kl_coef: float = Field(0.0, ge=0, description="KL penalty to the frozen θ0; 0 disables it")
     kl_estimator: Literal["k1", "k3"] = Field("k3", description="per-token KL estimator (Schulman's k1 or k3)")
-    max_grad_norm: float | None = Field(1.0, description="gradient clipping; null disables it")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null disables it")
     sft_style: Literal["ood", "native"] = "ood"
     reward: str = Field(
         "exact", description="a name in tasks.REWARDS. exact: the completion is the answer and stops; "
@@ -146,6 +166,24 @@ class ResourcesSpec(Strict):
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as fit")
 
 
+# MLflow's tracking stores: a local path, file:, a database (SQLAlchemy URIs, with an
+# optional +driver) or a tracking server.
+TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
 class TrackingSpec(Strict):
     uri: str = DEFAULT_TRACKING_URI
     artifact_location: str | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        scheme = urlparse(v).scheme.partition("+")[0]
+        if len(scheme) == 1:  # a Windows drive letter
+            scheme = ""
+        if scheme not in TRACKING_SCHEMES:
+            raise ValueError(
+                f"unknown tracking store scheme {scheme!r} in {v!r}; expected a path or one of "
+                + ", ".join(f"{s}://" for s in TRACKING_SCHEMES if s)
+            )
+        return v

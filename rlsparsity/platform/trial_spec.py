@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import (
     BaseModel,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -56,6 +57,9 @@ class TrialSpec(Strict):
     resources: ResourcesSpec = ResourcesSpec()
     tracking: TrackingSpec = TrackingSpec()
     analysis: bool = Field(True, description="run the overlap analysis after the sweep")
+    # Set by the sweep: the grid axes a label would not otherwise show ("/lr=1e-05"), so
+    # that every trial of a grid has its own label.
+    _axis_label: str = PrivateAttr("")
 
     @field_validator("algorithm", "dataset")
     @classmethod
@@ -91,8 +95,9 @@ class TrialSpec(Strict):
 
     @property
     def base_label(self) -> str:
-        """algorithm/dataset/seed[/data seed]: the grid point, whatever the subnetwork."""
-        return f"{self.algorithm}/{self.dataset}/s{self.seed}" + ("" if self.data_seed is None else f"/d{self.data_seed}")
+        """algorithm/dataset/seed[/data seed][/axis=value...]: the grid point, whatever the subnetwork."""
+        return (f"{self.algorithm}/{self.dataset}/s{self.seed}" + ("" if self.data_seed is None else f"/d{self.data_seed}")
+                + self._axis_label)
 
     @property
     def label(self) -> str:

@@ -29,9 +29,6 @@ from rlsparsity.platform.tracking import Tracker, git_commit
 from rlsparsity.sweeps.spec import SpecError, SweepSpec, apply_overrides
 from rlsparsity.sweeps.trial import COMPLETE_KEY, run_trial
 
-# One sweep = one experiment and one θ0: these fields cannot be grid axes.
-SWEEP_WIDE = ("name", "model", "tracking.uri", "tracking.artifact_location", "analysis")
-
 
 class SweepFailed(RuntimeError):
     """One or more trials of a sweep failed. `result` holds the completed trials and
@@ -89,9 +86,6 @@ def sweep(
     if spec.stages is not None:
         raise SpecError("invalid sweep spec:\n  subnetwork_stages: a staged study runs with rlsparsity.sweep() or "
                         "`rlsparsity sweep`, which call rlsparsity.sweeps.study.run_study")
-    for key in SWEEP_WIDE:
-        if key in spec.axes:
-            raise SpecError(f"invalid sweep spec:\n  {key}: is sweep-wide and cannot be a list (one sweep = one experiment, one θ0)")
     first = spec.trials()[0]
 
     model_path = resolve_model(first.model)
@@ -102,6 +96,7 @@ def sweep(
     storage = Path(os.environ.get("RLSPARSITY_RAY_STORAGE", Path.cwd() / ".rlsparsity" / "ray")).resolve()
     subnetwork_masks = _fetch_subnetwork_masks(spec, tracker, storage.parent / "masks", base)
     init_ray()
+    _check_fits(spec)
 
     experiment_id = tracker.experiment(spec.name)
     commit = git_commit()
@@ -176,6 +171,28 @@ def sweep(
     if not result.ok:
         raise SweepFailed(result)
     return result
+
+
+def _check_fits(spec: SweepSpec) -> None:
+    """Refuse a trial that can never be placed: Tune would wait for its resources for ever."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+    node_max = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in ("CPU", "GPU")}
+    for t in spec.trials():
+        r, ro = t.resources, t.rollout
+        problems = []
+        if t.cpus() > total["CPU"]:
+            problems.append(f"{ro.replicas} rollout replica(s) x rollout.cpus={ro.cpus} + {r.learners} learner(s) x "
+                            f"resources.cpus_per_learner={r.cpus_per_learner} = {t.cpus():g} CPUs, the cluster has {total['CPU']:g}")
+        for name, need in (("rollout.cpus", ro.cpus), ("resources.cpus_per_learner", r.cpus_per_learner)):
+            if need > node_max["CPU"]:
+                problems.append(f"{name}={need:g} CPUs in one actor, the largest node has {node_max['CPU']:g}")
+        if r.gpus_per_learner * r.learners > total["GPU"] or r.gpus_per_learner > node_max["GPU"]:
+            problems.append(f"{r.learners} learner(s) x resources.gpus_per_learner={r.gpus_per_learner:g} GPUs, "
+                            f"the cluster has {total['GPU']:g} (largest node {node_max['GPU']:g})")
+        if problems:
+            raise SpecError(f"invalid sweep spec:\n  trial {t.label} can never fit this Ray cluster: "
+                            + "; ".join(problems) + ". Lower the resources, or connect to a larger cluster (RAY_ADDRESS)")
 
 
 def _fetch_subnetwork_masks(spec: SweepSpec, tracker: Tracker, dest: Path, base: dict[str, Any]) -> dict[str, tuple[str, str]]:

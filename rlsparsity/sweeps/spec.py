@@ -16,12 +16,42 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rlsparsity.platform.models.resolve import check_model_id
 from rlsparsity.platform.plugins import PluginError, check_names, import_plugins
 from rlsparsity.platform.trial_spec import TrialSpec, fields_at
 
 
 class SpecError(ValueError):
     """The sweep spec is invalid; the message names the field and what was expected."""
+
+
+# One sweep = one experiment and one θ0: these fields cannot be grid axes.
+SWEEP_WIDE = ("name", "model", "tracking.uri", "tracking.artifact_location", "analysis")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error, not the last one wins."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                f"found duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark,
+            )  # fmt: skip
+        seen[key] = key_node.start_mark
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as the specs read it: safe, and duplicate keys refused."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -111,17 +141,36 @@ class SweepSpec:
         for k, v in self.axes.items():
             if not v:
                 raise SpecError(f"invalid sweep spec:\n  {k}: an empty list gives an empty grid")
+            dup = [x for i, x in enumerate(v) if x in v[:i]]
+            if dup:
+                raise SpecError(f"invalid sweep spec:\n  {k}: {dup[0]!r} is listed twice; each grid value once")
+            if k in SWEEP_WIDE:
+                raise SpecError(f"invalid sweep spec:\n  {k}: is sweep-wide and cannot be a list (one sweep = one experiment, one θ0)")
         self.template = {k: v for k, v in flat.items() if k not in self.axes}
         if self.plugins:
             self.template["plugins"] = tuple(self.plugins)
         self._trials = [self._validate(point) for point in self.grid()]
         self.name = self._trials[0].name
+        labels: dict[str, dict[str, Any]] = {}
+        for point, trial in zip(self.grid(), self._trials, strict=True):
+            if trial.label in labels:
+                other = labels[trial.label]
+                differ = sorted(k for k in point if point[k] != other[k])
+                raise SpecError(
+                    f"invalid sweep spec:\n  {', '.join(differ)}: grid points {json.dumps(other)} and "
+                    f"{json.dumps(point)} get the same trial label {trial.label!r}; give each grid value once"
+                )
+            labels[trial.label] = point
+        try:
+            check_model_id(self._trials[0].model)
+        except ValueError as e:
+            raise SpecError(f"invalid sweep spec:\n  model: {e}") from None
 
     @classmethod
     def load(cls, path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = load_yaml(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise SpecError(f"{path}: cannot read the sweep spec ({e})") from e
         if not isinstance(raw, dict):
@@ -134,9 +183,11 @@ class SweepSpec:
 
     def _validate(self, point: Mapping[str, Any]) -> TrialSpec:
         try:
-            return TrialSpec.model_validate(unflatten({**self.template, **point}))
+            trial = TrialSpec.model_validate(unflatten({**self.template, **point}))
         except ValidationError as e:
             raise SpecError(_format_error(e, point)) from None
+        trial._axis_label = axis_label(point)
+        return trial
 
     def trials(self) -> list[TrialSpec]:
         return list(self._trials)
@@ -153,6 +204,23 @@ class SweepSpec:
         return out
 
 
+# Grid axes a trial's label always shows (grpo/add/s0/d1); any other axis is appended.
+LABELLED_AXES = ("algorithm", "dataset", "seed", "data_seed")
+
+
+def axis_label(point: Mapping[str, Any]) -> str:
+    """The label part of a grid point's other axes: ``/lr=1e-05/optimizer=sgd`` (the last
+    part of the dotted name, or all of it where two axes share that part)."""
+    extra = [k for k in point if k not in LABELLED_AXES and not k.startswith("training.subnetwork.")]
+    last = [k.rsplit(".", 1)[-1] for k in extra]
+    out = []
+    for k, short in zip(extra, last, strict=True):
+        v = point[k]
+        text = f"{v:g}" if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else str(v)
+        out.append(f"/{short if last.count(short) == 1 else k}={text}")
+    return "".join(out)
+
+
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply dotted `key=value` overrides; values are parsed as YAML (`[0,1]` makes an axis)."""
     flat = flatten(raw)
@@ -161,5 +229,9 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
         if not sep or not key:
             raise SpecError(f"--set {item!r}: expected key=value, e.g. training.steps=10")
         flat = {k: v for k, v in flat.items() if k != key and not k.startswith(key + ".")}
-        flat[key.strip()] = yaml.safe_load(value)
+        try:
+            flat[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            first = str(e).strip().splitlines()[0]
+            raise SpecError(f"--set {item!r}: the value is not valid YAML ({first}); e.g. seed=[0,1,2]") from None
     return unflatten(flat)

@@ -104,10 +104,16 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``rlsparsity diff``; returns the exit code (0 ok, 1 error)."""
+    """Run ``rlsparsity diff``; returns the exit code (0 ok, 1 error, 2 unusable arguments)."""
     from rich.console import Console
 
     from rlsparsity.analysis.diff.plan import DiffError
+
+    for flag, out in (("--mask", args.mask), ("--json", None if args.json_out == "-" else args.json_out)):
+        problem = _unwritable(out) if out else None
+        if problem:
+            print(f"error: {flag} {out}: {problem}", file=sys.stderr)
+            return 2
 
     to_stdout = args.json_out == "-"
     # Tables are wide; when piped, rich would wrap them at 80 columns.
@@ -170,6 +176,20 @@ def _run(args: argparse.Namespace, console: Any, err: Any) -> int:
         if tmp is not None:
             tmp.cleanup()
     return 0
+
+
+def _unwritable(path: str) -> str | None:
+    """Why an output file cannot be written there (checked before the diff runs), or None."""
+    parent = Path(path).expanduser().absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the directory {str(parent)!r} ({e.strerror})"
+    if Path(path).is_dir():
+        return "is a directory; give a file name"
+    if not os.access(parent, os.W_OK):
+        return f"the directory {str(parent)!r} is not writable"
+    return None
 
 
 def _pct(x: float) -> str:

@@ -54,9 +54,11 @@ def compute_overlap(
       the grouped summary; ``factor_keys`` the keys compared (default seed, dataset, algorithm).
     - ``cache_dir`` / ``use_cache``: the incremental cache (default
       ``~/.cache/rlsparsity/overlap``, env ``RLSPARSITY_OVERLAP_CACHE``).
-    - ``verify``: check every mask's checksum from the digests of the rows read. A file
-      verified earlier and unchanged since (same path, size, mtime, inode, checksum) is
-      not hashed again.
+    - ``verify``: check every mask's bits against its checksum (from the digests of the rows
+      read) before any result keyed by that checksum is used, so a tampered file that claims
+      another's checksum is refused, cache or no cache. A file verified earlier and unchanged
+      since (same path, size, mtime, ctime, inode, device, checksum) is not read again.
+      ``verify=False`` trusts the claimed checksums.
     - ``progress``: True for a rich progress bar with throughput, or a callback.
 
     Raises ``MaskError`` for incompatible, malformed or corrupt masks.
@@ -95,7 +97,18 @@ def compute_overlap(
     ).hexdigest()
     cache = OverlapCache(cache_dir or default_cache_dir(), base_key) if use_cache else None
 
-    # 2. Which pairs are missing from the cache? With all present, no mask is read.
+    # Nothing keyed by a checksum (the identical-mask shortcut, the cache's counts) is trusted
+    # before the file's bits were verified against that checksum: in this call, or in an
+    # earlier one on this very file, unchanged since (path, size, mtime, ctime, inode).
+    # The identities are taken before any read, so a file changed mid-read is verified again.
+    ids = [_file_id(p) for p in paths]
+    memo = cache.verified() if cache is not None else {}
+    need_verify = [
+        verify and not _verified_before(memo, p, c, i)
+        for p, c, i in zip(paths, checksums, ids, strict=True)
+    ]
+
+    # 2. Which pairs are missing from the cache? With all present and verified, no mask is read.
     plan: _Plan | None = None
     layout_hash: str | None = None
     names: list[str] | None = None
@@ -108,16 +121,12 @@ def compute_overlap(
             layout_hash = next(iter(lays))
             names, numel = lay["tensors"], np.asarray(lay["numel"], dtype=np.int64)
             run_counts = [cache.runs[c][1] for c in checksums]
-    if names is None:
-        layouts = [_read_layout(p, lab) for p, lab in zip(paths, labels, strict=True)]
-        plan = _join(layouts, labels, paths, chunk_elems)
+    if names is None or any(need_verify):
+        plan, read_counts = _load_plan(paths, labels, metas, chunk_elems)
+        if layout_hash is not None and plan.layout_hash != layout_hash:
+            raise MaskError("mask layout changed since it was cached; clear the overlap cache")
         names, numel, layout_hash = plan.tensor_names, plan.tensor_numel, plan.layout_hash
-        for m, lay in enumerate(layouts):
-            c = np.zeros(len(names), dtype=np.int64)
-            np.add.at(c, plan.row_tensor, lay.changed[plan.file_row[m]])
-            run_counts[m] = c
-            where = f"{labels[m]} ({paths[m]})"
-            check_totals(int(c.sum()), int(lay.length.sum()), metas[m], where=where)
+        run_counts = list(read_counts)
     assert names is not None and numel is not None and layout_hash is not None
     T = len(names)
     tinter = np.zeros((T, n, n), dtype=np.int64)
@@ -127,7 +136,8 @@ def compute_overlap(
     cached_pairs = 0
     for i, j in _pair_indices(n):
         if checksums[i] == checksums[j]:
-            tinter[:, i, j] = tinter[:, j, i] = run_counts[i]  # identical masks
+            # Identical masks, once both files are verified below.
+            tinter[:, i, j] = tinter[:, j, i] = run_counts[i]
             continue
         hit = cache.get_pair(checksums[i], checksums[j], layout_hash) if cache is not None else None
         if hit is not None and len(hit) == T:
@@ -146,28 +156,21 @@ def compute_overlap(
         "task_s": 0.0,
         "task_cpu_s": 0.0,
         "workers": 0,
-        "verified": [],
+        "verified": [labels[k] for k in range(n) if need_verify[k]],
     }
-    # 3. Compute the missing pairs: masks in the cover go first in the stack.
-    if missing:
+    # 3. Compute the missing pairs (masks in the cover go first in the stack, the others are
+    # read for their columns), or only read the masks still to verify.
+    computed: dict[tuple[str, str], np.ndarray] = {}
+    if missing or any(need_verify):
         if plan is None:
-            layouts = [_read_layout(p, lab) for p, lab in zip(paths, labels, strict=True)]
-            plan = _join(layouts, labels, paths, chunk_elems)
+            plan, _ = _load_plan(paths, labels, metas, chunk_elems)
             if plan.layout_hash != layout_hash:
                 raise MaskError("mask layout changed since it was cached; clear the overlap cache")
         cover = _pair_cover(n, missing)
-        order = cover + [k for k in range(n) if k not in cover]
-        memo = cache.verified() if (cache is not None and verify) else {}
-        need_verify = [False] * n
-        if verify:
-            for k in range(n):
-                real = os.path.realpath(paths[k])
-                ent = memo.get(real)
-                need_verify[k] = not (
-                    ent
-                    and ent.get("checksum") == checksums[k]
-                    and ent.get("id") == _file_id(paths[k])
-                )
+        if missing:
+            order = cover + [k for k in range(n) if k not in cover]
+        else:
+            order = [k for k in range(n) if need_verify[k]]
         done_inter = _run_tasks(
             plan, order, len(cover), [need_verify[k] for k in order],
             paths=[paths[k] for k in order], labels=[labels[k] for k in order],
@@ -175,7 +178,6 @@ def compute_overlap(
             progress=progress, stats=stats,
         )  # fmt: skip
         # done_inter: (T, n_new, N) in stack order -> input order.
-        computed: dict[tuple[str, str], np.ndarray] = {}
         for a, i in enumerate(cover):
             for b, j in enumerate(order):
                 if b < a or i == j:
@@ -184,24 +186,18 @@ def compute_overlap(
                 if checksums[i] != checksums[j]:
                     computed[(checksums[i], checksums[j])] = done_inter[:, a, b]
         stats["pairs_computed"] = len({OverlapCache.key(*k) for k in computed})
-        if cache is not None:
+    if cache is not None:
+        if plan is not None or computed:
             cache.save(
                 layout_hash, names, numel, {checksums[m]: run_counts[m] for m in range(n)}, computed
             )  # type: ignore[misc]
-            if verify:
-                cache.mark_verified(
-                    {
-                        os.path.realpath(paths[k]): {
-                            "checksum": checksums[k],
-                            "id": _file_id(paths[k]),
-                        }
-                        for k in range(n)
-                        if need_verify[k]
-                    }
-                )
-        stats["verified"] = [labels[k] for k in range(n) if need_verify[k]]
-    elif cache is not None and plan is not None:
-        cache.save(layout_hash, names, numel, {checksums[m]: run_counts[m] for m in range(n)}, {})
+        cache.mark_verified(
+            {
+                os.path.realpath(paths[k]): {"checksum": checksums[k], "id": ids[k]}
+                for k in range(n)
+                if need_verify[k]
+            }
+        )
 
     inter = tinter.sum(axis=0)
     stats["seconds"] = time.perf_counter() - t_start
@@ -225,6 +221,28 @@ def compute_overlap(
         },
         stats=stats,
     )
+
+
+def _verified_before(memo: dict[str, Any], path: str, checksum: str, file_id: dict) -> bool:
+    ent = memo.get(os.path.realpath(path))
+    return bool(ent) and ent.get("checksum") == checksum and ent.get("id") == file_id
+
+
+def _load_plan(
+    paths: list[str], labels: list[str], metas: list[dict[str, Any]], chunk_elems: int
+) -> tuple[_Plan, list[np.ndarray]]:
+    """The joined layout of the masks' small columns, and each mask's changed counts per
+    tensor, checked against its metadata's totals."""
+    layouts = [_read_layout(p, lab) for p, lab in zip(paths, labels, strict=True)]
+    plan = _join(layouts, labels, paths, chunk_elems)
+    counts = []
+    for m, lay in enumerate(layouts):
+        c = np.zeros(len(plan.tensor_names), dtype=np.int64)
+        np.add.at(c, plan.row_tensor, lay.changed[plan.file_row[m]])
+        where = f"{labels[m]} ({paths[m]})"
+        check_totals(int(c.sum()), int(lay.length.sum()), metas[m], where=where)
+        counts.append(c)
+    return plan, counts
 
 
 def _run_tasks(

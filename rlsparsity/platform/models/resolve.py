@@ -27,3 +27,16 @@ def resolve_model(model_id: str) -> Path:
         f"directory containing config.json, or 'embedded:NAME' with NAME one of "
         f"{', '.join(sorted(EMBEDDED_RECIPES))}"
     )
+
+
+def check_model_id(model_id: str) -> None:
+    """Raise ValueError for a model id that ``resolve_model`` cannot resolve, without
+    building anything (a dry run checks the model this way)."""
+    if model_id == "embedded" or model_id.startswith("embedded:"):
+        name = model_id.partition(":")[2] or "tiny-arith"
+        if name not in EMBEDDED_RECIPES:
+            raise ValueError(f"unknown embedded model {name!r}; allowed: {', '.join(sorted(EMBEDDED_RECIPES))}")
+        return
+    p = Path(model_id).expanduser()
+    if not (p.is_dir() and (p / "config.json").is_file()):
+        resolve_model(model_id)  # raises, naming what is missing

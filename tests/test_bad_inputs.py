@@ -1,5 +1,6 @@
 """Bad input that once slipped through or crashed: each gets a clear error, exit 2, and
-nothing starts (issue 15, point 4)."""
+nothing starts (issue 15, point 4). The one that needs Ray, a trial that can never fit the
+cluster, is in test_sweep_e2e.py with the other tests that share the session's Ray."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from rlsparsity.cli import main
 from rlsparsity.contracts.mask import MaskError, MaskWriter, read_meta
-from rlsparsity.sweeps.spec import SpecError, SweepSpec
+from rlsparsity.sweeps.spec import SweepSpec
 
 BASE = "name: bad\nseed: 0\ndataset: add\nalgorithm: grpo\n"
 
@@ -109,20 +110,3 @@ def test_overlap_on_missing_experiment_creates_nothing(tmp_path: Path, monkeypat
     assert main(["overlap", "--experiment", "nope", "--local", "-q", "--no-progress"]) == 2
     assert "no MLflow tracking database at mlruns.db" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
-
-
-def test_trial_that_can_never_fit(ray_session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """rollout.cpus=4 on a 2-CPU cluster: refused with the numbers, before any run starts
-    (Tune would wait for the placement group for ever)."""
-    import mlflow
-
-    import rlsparsity
-
-    uri = f"sqlite:///{tmp_path}/m.db"
-    monkeypatch.setenv("RLSPARSITY_RAY_STORAGE", str(tmp_path / "ray"))
-    spec = {"name": "nofit", "seed": 0, "rollout": {"cpus": 4}, "tracking": {"uri": uri}, "analysis": False}
-    with pytest.raises(SpecError, match=r"can never fit this Ray cluster: .*rollout.cpus=4 CPUs in one actor, the largest node has 2"):
-        rlsparsity.sweep(spec)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("nofit")
-    assert exp is None or not client.search_runs([exp.experiment_id])

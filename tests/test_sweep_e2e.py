@@ -178,3 +178,22 @@ def test_chat_prompts_need_a_chat_template_and_run_with_one(embedded_model_dir, 
     assert run.info.status == "FINISHED"
     assert (run.data.params["training.prompt_format"], run.data.params["training.reward"]) == ("chat", "last_number")
     assert {"sync_diff_s", "sync_send_s"} <= set(run.data.metrics)
+
+
+def test_trial_that_can_never_fit(embedded_model_dir, ray_session, tmp_path, monkeypatch) -> None:
+    """rollout.cpus=4 on a 2-CPU cluster: refused with the numbers, before any run starts
+    (Tune would wait for the placement group for ever)."""
+    import mlflow
+
+    import rlsparsity
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    monkeypatch.setenv("RLSPARSITY_RAY_STORAGE", str(tmp_path / "ray"))
+    spec = {"name": "nofit", "seed": 0, "rollout": {"cpus": 4}, "tracking": {"uri": uri}, "analysis": False}
+    from rlsparsity.sweeps.spec import SpecError
+
+    with pytest.raises(SpecError, match=r"can never fit this Ray cluster: .*rollout.cpus=4 CPUs in one actor, the largest node has 2"):
+        rlsparsity.sweep(spec)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("nofit")
+    assert exp is None or not client.search_runs([exp.experiment_id])

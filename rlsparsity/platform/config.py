@@ -26,16 +26,11 @@ class Strict(BaseModel):
         # `lr: yes` must not become 1.0. Strict mode would also refuse YAML's `1e-4`, a string.
         if isinstance(v, bool) and info.field_name is not None:
             ann = cls.model_fields[info.field_name].annotation
-            if ann is not bool and bool not in typing.get_args(ann) and ann is not Any:
-                raise ValueError(f"expected {_type_name(ann)}, got the boolean {str(v).lower()}")
+            types = typing.get_args(ann) or (ann,)
+            numbers = [t for t in (float, int) if t in types]
+            if numbers and bool not in types:
+                raise ValueError(f"expected {numbers[0].__name__}, got the boolean {str(v).lower()}")
         return v
-
-
-def _type_name(ann: Any) -> str:
-    args = [a for a in typing.get_args(ann) if a is not type(None)] or [ann]
-    if typing.get_origin(ann) is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    return " or ".join(getattr(a, "__name__", str(a)) for a in args)
 
 
 class MaskSpec(Strict):

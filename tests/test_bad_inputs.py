@@ -32,7 +32,7 @@ SPEC_CASES = {
     "steps true": (BASE + "training: {steps: true}\n", (), "training.steps: expected int, got the boolean true"),
     "seed true": ("name: bad\nseed: true\n", (), "seed: expected int, got the boolean true"),
     "missing model": (BASE + "model: /nonexistent/model\n", (), "model: cannot resolve model '/nonexistent/model' (no such local directory)"),
-    "unknown embedded": (BASE + "model: embedded:nope\n", (), "model: unknown embedded model 'nope'"),
+    "unknown embedded": (BASE + "model: embedded:nope\n", (), "model: unknown embedded model 'nope'; known: "),
     "sweep-wide list": ("name: [a, b]\nseed: 0\n", (), "name: is sweep-wide and cannot be a list"),
     "tracking list": (BASE + "tracking: {uri: [sqlite:///a.db, sqlite:///b.db]}\n", (), "tracking.uri: is sweep-wide"),
     "same label": ("name: bad\nseed: [0, '0']\n", (), "seed: grid points"),

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rlsparsity.platform.models.resolve import check_model_id
+from rlsparsity.platform.models.resolve import resolve_model
 from rlsparsity.platform.plugins import PluginError, check_names, import_plugins
 from rlsparsity.platform.trial_spec import TrialSpec, fields_at
 
@@ -162,7 +162,7 @@ class SweepSpec:
                 )
             labels[trial.label] = point
         try:
-            check_model_id(self._trials[0].model)
+            resolve_model(self._trials[0].model, build=False)
         except ValueError as e:
             raise SpecError(f"invalid sweep spec:\n  model: {e}") from None
 

@@ -122,9 +122,7 @@ def compute_overlap(
             names, numel = lay["tensors"], np.asarray(lay["numel"], dtype=np.int64)
             run_counts = [cache.runs[c][1] for c in checksums]
     if names is None or any(need_verify):
-        plan, read_counts = _load_plan(paths, labels, metas, chunk_elems)
-        if layout_hash is not None and plan.layout_hash != layout_hash:
-            raise MaskError("mask layout changed since it was cached; clear the overlap cache")
+        plan, read_counts = _load_plan(paths, labels, metas, chunk_elems, layout_hash)
         names, numel, layout_hash = plan.tensor_names, plan.tensor_numel, plan.layout_hash
         run_counts = list(read_counts)
     assert names is not None and numel is not None and layout_hash is not None
@@ -163,9 +161,7 @@ def compute_overlap(
     computed: dict[tuple[str, str], np.ndarray] = {}
     if missing or any(need_verify):
         if plan is None:
-            plan, _ = _load_plan(paths, labels, metas, chunk_elems)
-            if plan.layout_hash != layout_hash:
-                raise MaskError("mask layout changed since it was cached; clear the overlap cache")
+            plan, _ = _load_plan(paths, labels, metas, chunk_elems, layout_hash)
         cover = _pair_cover(n, missing)
         if missing:
             order = cover + [k for k in range(n) if k not in cover]
@@ -229,12 +225,19 @@ def _verified_before(memo: dict[str, Any], path: str, checksum: str, file_id: di
 
 
 def _load_plan(
-    paths: list[str], labels: list[str], metas: list[dict[str, Any]], chunk_elems: int
+    paths: list[str],
+    labels: list[str],
+    metas: list[dict[str, Any]],
+    chunk_elems: int,
+    cached_layout: str | None,
 ) -> tuple[_Plan, list[np.ndarray]]:
-    """The joined layout of the masks' small columns, and each mask's changed counts per
-    tensor, checked against its metadata's totals."""
+    """The joined layout of the masks' small columns (which must be the cached layout, when
+    there is one), and each mask's changed counts per tensor, checked against its metadata's
+    totals."""
     layouts = [_read_layout(p, lab) for p, lab in zip(paths, labels, strict=True)]
     plan = _join(layouts, labels, paths, chunk_elems)
+    if cached_layout is not None and plan.layout_hash != cached_layout:
+        raise MaskError("mask layout changed since it was cached; clear the overlap cache")
     counts = []
     for m, lay in enumerate(layouts):
         c = np.zeros(len(plan.tensor_names), dtype=np.int64)

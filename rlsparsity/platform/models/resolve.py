@@ -5,19 +5,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlsparsity.platform.models.cache import ensure_embedded_model
+from rlsparsity.platform.models.cache import embedded_model_dir, ensure_embedded_model
 from rlsparsity.platform.models.recipe import EMBEDDED_RECIPES
 
 
-def resolve_model(model_id: str) -> Path:
+def resolve_model(model_id: str, *, build: bool = True) -> Path:
     """Map a model id to a local HF directory.
 
-    - ``"embedded"`` or ``"embedded:NAME"``: the embedded model (built on first use);
+    - ``"embedded"`` or ``"embedded:NAME"``: the embedded model (built on first use; with
+      ``build=False`` only its name is checked and its cache directory returned, as a dry
+      run needs);
     - an existing local directory containing ``config.json``: that directory.
+
+    Raises ValueError naming what is wrong.
     """
     if model_id == "embedded" or model_id.startswith("embedded:"):
         name = model_id.partition(":")[2] or "tiny-arith"
-        return ensure_embedded_model(name)
+        return ensure_embedded_model(name) if build else embedded_model_dir(name)
     p = Path(model_id).expanduser()
     if p.is_dir() and (p / "config.json").is_file():
         return p.resolve()
@@ -28,15 +32,3 @@ def resolve_model(model_id: str) -> Path:
         f"{', '.join(sorted(EMBEDDED_RECIPES))}"
     )
 
-
-def check_model_id(model_id: str) -> None:
-    """Raise ValueError for a model id that ``resolve_model`` cannot resolve, without
-    building anything (a dry run checks the model this way)."""
-    if model_id == "embedded" or model_id.startswith("embedded:"):
-        name = model_id.partition(":")[2] or "tiny-arith"
-        if name not in EMBEDDED_RECIPES:
-            raise ValueError(f"unknown embedded model {name!r}; allowed: {', '.join(sorted(EMBEDDED_RECIPES))}")
-        return
-    p = Path(model_id).expanduser()
-    if not (p.is_dir() and (p / "config.json").is_file()):
-        resolve_model(model_id)  # raises, naming what is missing

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+from types import ModuleType
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+
+
+def load_infra(name: str) -> ModuleType:
+    """A script of infra/ (not a package: it ships beside the code, not in it) as a module."""
+    spec = importlib.util.spec_from_file_location(name, INFRA / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

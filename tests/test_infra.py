@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -12,21 +10,14 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from services import load_infra
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay-v1.7.0"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 
 
-def _load_builder():
-    spec = importlib.util.spec_from_file_location("kuberay", ROOT / "infra" / "kuberay.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kuberay"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-kuberay = _load_builder()
+kuberay = load_infra("kuberay")
 
 
 def _closed(schema: Any) -> Any:
@@ -131,3 +122,20 @@ def test_a_broken_manifest_fails(what, mutate, expected):
 def test_builder_refuses_an_impossible_shape():
     with pytest.raises(ValueError, match="workers=5, max_workers=4"):
         kuberay.ray_cluster_spec(kuberay.ClusterShape(workers=5, max_workers=4))
+
+
+def test_compose_stack_has_health_checks_loopback_ports_and_no_secrets():
+    compose = yaml.safe_load((ROOT / "infra" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "s3", "mlflow"}
+    for name, svc in services.items():
+        assert svc["healthcheck"]["test"], name
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), (name, port)
+        for key, value in (svc.get("environment") or {}).items():
+            if any(word in key for word in ("PASSWORD", "SECRET", "ACCESS_KEY")):
+                assert str(value).startswith("${"), (name, key)  # from the env file only
+    assert services["mlflow"]["depends_on"] == {"postgres": {"condition": "service_healthy"},
+                                                "s3": {"condition": "service_healthy"}}
+    server = " ".join(services["mlflow"]["command"])
+    assert "--serve-artifacts" in server and "postgresql://" in server and "s3://mlflow" in server

@@ -7,13 +7,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
+from services import free_port, start_mlflow_server, stop_process_group
 
+import rlsparsity
 from rlsparsity.sweeps.interrupt import TUNE_SIGINT_ENV, Interrupted, signals_interrupt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,3 +186,53 @@ def test_an_interrupt_is_found_under_the_error_ray_wraps_it_in():
     except SystemError as wrapped:
         assert interrupt_in(wrapped) is inner
     assert interrupt_in(ValueError("x")) is None
+
+
+@pytest.mark.slow
+def test_an_mlflow_server_down_for_30_s_loses_nothing(embedded_model_dir, ray_session, tmp_path, monkeypatch):
+    """MLflow's client retries (7 times, backoff 2 s: over two minutes) carry the trials
+    through the outage: every metric step and every mask arrives."""
+    root, port = tmp_path / "server", free_port()
+    root.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = {"proc": start_mlflow_server(root, port)}
+    outage: dict[str, float] = {}
+
+    def take_it_down_mid_trial() -> None:
+        client = MlflowClient(tracking_uri=uri)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            exp = client.get_experiment_by_name("outage")
+            trials = [] if exp is None else client.search_runs([exp.experiment_id], "tags.`rlsparsity.kind` = 'trial'")
+            if any(r.info.status == "RUNNING" and r.data.metrics for r in trials):  # training, logging
+                break
+            time.sleep(0.5)
+        stop_process_group(server["proc"])
+        outage["down"] = time.time()
+        time.sleep(30)
+        server["proc"] = start_mlflow_server(root, port)
+        outage["up"] = time.time()
+
+    monkeypatch.setenv("RLSPARSITY_RAY_STORAGE", str(tmp_path / "ray"))
+    chaos = threading.Thread(target=take_it_down_mid_trial, daemon=True)
+    chaos.start()
+    try:
+        result = rlsparsity.sweep("sweeps/quickstart.yaml", [
+            "name=outage", "seed=0", "dataset=add", "algorithm=[sft,grpo]", "training.steps=6",
+            "training.masks.every=2", "training.prompts_per_step=4", "training.eval_problems=20",
+            f"tracking.uri={uri}"])
+        ended = time.time()
+        chaos.join(timeout=120)
+        assert outage.get("up", 0) - outage.get("down", 0) >= 30, outage  # the outage happened,
+        assert outage["down"] < ended, outage  # while the sweep ran
+        assert result.ok, result.failed
+        client = MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+        assert sorted(r.data.tags["rlsparsity.kind"] for r in runs) == ["analysis", "sweep", "trial", "trial"]
+        assert {r.info.status for r in runs} == {"FINISHED"}
+        for r in (r for r in runs if r.data.tags["rlsparsity.kind"] == "trial"):
+            assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+            names = {a.path for a in client.list_artifacts(r.info.run_id, "masks")}
+            assert names == {"masks/step_000002.arrow", "masks/step_000004.arrow", "masks/final.arrow"}
+    finally:
+        stop_process_group(server["proc"])

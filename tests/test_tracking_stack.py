@@ -52,10 +52,11 @@ def test_a_sweep_and_the_overlap_job_land_in_postgres_and_the_object_store(stack
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert sweep.returncode == 0, (sweep.stdout + sweep.stderr)[-6000:]
     assert f"MLflow {stack.tracking_uri}" in sweep.stdout
-    # The overlap job on its own, from a clean cache: every mask comes back through the server.
+    # The overlap job on its own (the sweep ran it on Ray), from a clean cache: every mask
+    # comes back through the server.
     overlap = subprocess.run(
         [BIN / "rlsparsity", "overlap", "--experiment", "stack", "--cache-dir", str(tmp_path / "cache"),
-         "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+         "--no-progress", "--local"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert overlap.returncode == 0, (overlap.stdout + overlap.stderr)[-6000:]
     print(f"sweep + overlap against the stack: {time.perf_counter() - t0:.1f} s")
 

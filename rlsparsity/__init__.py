@@ -15,9 +15,10 @@ from rlsparsity.contracts.mlflow_layout import DEFAULT_TRACKING_URI
 __all__ = ["DEFAULT_TRACKING_URI", "sweep"]
 
 
-def sweep(spec: Any, overrides: tuple[str, ...] = ()) -> SweepResult | StudyResult:
-    """Run a sweep from a `SweepSpec`, a dict or a YAML path; see `rlsparsity.sweeps.run.sweep`.
-    A spec with `subnetwork_stages` runs a staged study (`rlsparsity.sweeps.study.run_study`)."""
+def sweep(spec: Any, overrides: tuple[str, ...] = (), *, resume: bool = False) -> SweepResult | StudyResult:
+    """Run a sweep from a `SweepSpec`, a dict or a YAML path; see `rlsparsity.sweeps.run.sweep`
+    (``resume`` continues an interrupted one). A spec with `subnetwork_stages` runs a staged
+    study (`rlsparsity.sweeps.study.run_study`), which reuses its finished stages when run again."""
     from rlsparsity.sweeps.run import load_spec
     from rlsparsity.sweeps.run import sweep as _sweep
 
@@ -26,4 +27,4 @@ def sweep(spec: Any, overrides: tuple[str, ...] = ()) -> SweepResult | StudyResu
         from rlsparsity.sweeps.study import run_study
 
         return run_study(spec)
-    return _sweep(spec)
+    return _sweep(spec, resume=resume)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from rich.console import Console
@@ -19,11 +20,15 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, parsed as YAML, e.g. --set training.steps=10 --set seed=[0,1,2]")
     p.add_argument("--dry-run", action="store_true", help="validate and print the grid, run nothing")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the experiment's latest unfinished sweep run of this spec (after Ctrl-C, SIGTERM "
+                        "or a dead driver): only its unfinished trials run, into the same MLflow run")
     p.set_defaults(func=_run_sweep)
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from rlsparsity.sweeps.run import SweepFailed, load_spec, sweep
+    from rlsparsity.analysis.overlap import OverlapError
+    from rlsparsity.sweeps.run import SweepFailed, SweepInterrupted, load_spec, sweep
 
     # Piped output (CI logs, `ray job` logs) would otherwise wrap the tables at 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -39,15 +44,28 @@ def _run_sweep(args: argparse.Namespace) -> int:
             for t in stage_spec(spec, kind).trials():
                 console.print(t.label)
         return 0
+    if spec.stages is not None and args.resume:
+        print("error: --resume: a staged study resumes by running it again: its finished stages are reused",
+              file=sys.stderr)
+        return 2
     try:
         if spec.stages is not None:
             from rlsparsity.sweeps.study import run_study
 
             run_study(spec, console=console)
         else:
-            sweep(spec, console=console)
+            sweep(spec, console=console, resume=args.resume)
+    except SweepInterrupted as e:
+        again = shlex.join(["rlsparsity", "sweep", args.spec, *(a for o in args.overrides for a in ("--set", o))])
+        how = (f"run it again ({again}): its finished stages are reused" if spec.stages is not None
+               else f"resume with: {again} --resume")
+        print(f"interrupted: {e}\nTo finish the sweep, {how}", file=sys.stderr)
+        return e.exit_code
     except SweepFailed as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OverlapError as e:  # the sweep's analysis run is FAILED, with the error as its tag
+        print(f"error: the sweep's overlap analysis failed: {e}", file=sys.stderr)
         return 1
     return 0
 

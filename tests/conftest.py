@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from services import free_port, wait_for_http
+from services import free_port, start_mlflow_server, stop_process_group
 
 
 @pytest.fixture(scope="session")
@@ -64,26 +64,9 @@ def ray_session() -> Iterator[object]:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 serving artifacts itself (mlflow-artifacts:/ URIs)."""
-    import contextlib
-    import signal
-    import subprocess
-    import sys
-
-    root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    log = (root / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
     try:
-        wait_for_http(f"{url}/health", proc, f"mlflow server (log: {root / 'server.log'})")
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
+        stop_process_group(proc)

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+from types import ModuleType
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+
+
+def load_infra(name: str) -> ModuleType:
+    """A script of infra/ (not a package: it ships beside the code, not in it) as a module."""
+    spec = importlib.util.spec_from_file_location(name, INFRA / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:
@@ -28,3 +43,29 @@ def wait_for_http(url: str, proc: subprocess.Popen, what: str, timeout_s: float 
             assert proc.poll() is None, f"{what} exited before answering {url}"
             assert time.monotonic() < deadline, f"{what} did not answer {url} within {timeout_s} s"
             time.sleep(0.5)
+
+
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port, its store and artifacts in `root` (so a restart on
+    the same root and port is the same server), serving artifacts itself; returns once it
+    answers /health."""
+    log = (root / "server.log").open("ab")
+    proc = subprocess.Popen(
+        [Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    log.close()
+    wait_for_http(f"http://127.0.0.1:{port}/health", proc, f"mlflow server (log: {root / 'server.log'})")
+    return proc
+
+
+def stop_process_group(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    import contextlib
+    import os
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=timeout_s)

@@ -105,9 +105,11 @@ def test_llama_config_is_tiny_and_tied() -> None:
 # (reuse, atomic publish, rejection of partial directories, locking) in milliseconds.
 
 
-def _fake_build(calls: list[Path], delay: float = 0.0, fail: bool = False):
-    def build(recipe: models.Recipe, out_dir: Path, *, log_every: int = 0) -> dict:
+def _fake_build(calls: list[Path], delay: float = 0.0, fail: bool = False, log_every: list[int] | None = None):
+    def build(recipe: models.Recipe, out_dir: Path, *, log_every: int = 0, _seen=log_every) -> dict:
         calls.append(out_dir)
+        if _seen is not None:
+            _seen.append(log_every)
         time.sleep(delay)
         for f in REQUIRED_FILES:
             (out_dir / f).write_text("{}")
@@ -141,6 +143,19 @@ def test_cache_reuse_and_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     os.umask(umask)
     assert p1.stat().st_mode & 0o777 == 0o777 & ~umask
     assert (p1 / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_build_announces_itself_and_reports_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    seen: list[int] = []
+    monkeypatch.setattr(model_cache, "build_embedded_model", _fake_build([], log_every=seen))
+    path = ensure_embedded_model(cache_dir=tmp_path)
+    steps = get_recipe("tiny-arith").train.steps
+    assert seen == [steps // 10]
+    assert f"building the embedded model tiny-arith (θ0) once into {path}: {steps} pretraining steps" in capsys.readouterr().out
+    ensure_embedded_model(cache_dir=tmp_path)  # cached: not a word
+    assert capsys.readouterr().out == "" and seen == [steps // 10]
+    ensure_embedded_model(cache_dir=tmp_path / "quiet", log_every=0)
+    assert capsys.readouterr().out == "" and seen[-1] == 0
 
 
 def test_partial_directory_is_not_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -122,3 +122,14 @@ def test_rewards_and_batch_sources_are_checked_against_their_registries():
     finally:
         REWARDS.pop("always_one")
         ALGORITHMS.pop("from_nowhere")
+
+
+def test_tracking_uri_defaults_to_the_environment_and_a_spec_value_wins(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert SweepSpec({}).trials()[0].tracking.uri == "sqlite:///mlruns.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert SweepSpec({}).trials()[0].tracking.uri == "http://127.0.0.1:5000"
+    assert SweepSpec({"tracking": {"uri": "sqlite:///x.db"}}).trials()[0].tracking.uri == "sqlite:///x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
+    with pytest.raises(SpecError, match="unknown tracking store scheme 'bogus'"):
+        SweepSpec({})

@@ -105,7 +105,9 @@ def find_sweep_and_trials(
     trials = _search_all(
         client,
         exp.experiment_id,
-        f"tags.`{PARENT_TAG}` = '{sweep.info.run_id}' and tags.`{KIND_TAG}` = '{KIND_TRIAL}'",
+        # KILLED runs are interrupted attempts; a resumed sweep ran those trials again.
+        f"tags.`{PARENT_TAG}` = '{sweep.info.run_id}' and tags.`{KIND_TAG}` = '{KIND_TRIAL}'"
+        " and attributes.status != 'KILLED'",
         order_by=["attributes.start_time ASC"],
     )
     if not trials:

@@ -26,6 +26,7 @@ SUBNETWORK_TAG: Final = "rlsparsity.subnetwork"  # on masked trials: learned, ra
 SUBNETWORK_SOURCE_TAG: Final = "rlsparsity.subnetwork_source"  # the source trial's run id, or mask file
 STAGE_TAG: Final = "rlsparsity.stage"  # on a study's stage sweeps: full, learned, random_global, ...
 STAGE_KEY_TAG: Final = "rlsparsity.stage_key"  # hash of the stage's spec: a finished one is reused
+SPEC_KEY_TAG: Final = "rlsparsity.spec_key"  # on sweep runs: hash of the spec, checked by --resume
 PARENT_TAG: Final = "mlflow.parentRunId"  # MLflow's own nesting tag
 
 # --- run kinds (values of KIND_TAG)

@@ -7,6 +7,7 @@ them and checks names against the registries.
 
 from __future__ import annotations
 
+import os
 import typing
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -166,8 +167,15 @@ class ResourcesSpec(Strict):
 TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
 
+def _default_tracking_uri() -> str:
+    # As MLflow's own clients do, and as `diff` and `overlap` do: a cluster (a RayJob pod, a
+    # CI runner) names its tracking server once in the environment, not in every spec.
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
 class TrackingSpec(Strict):
-    uri: str = DEFAULT_TRACKING_URI
+    uri: str = Field(default_factory=_default_tracking_uri, validate_default=True,
+                     description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db")
     artifact_location: str | None = None
 
     @field_validator("uri")

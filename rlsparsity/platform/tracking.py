@@ -109,6 +109,27 @@ class Tracker:
         status = "FINISHED" if ok else "KILLED" if killed else "FAILED"
         _retry(lambda: self.client.set_terminated(run_id, status))
 
+    def reopen(self, run_id: str) -> None:
+        """A resumed run is RUNNING again (MLflow keeps its params, metrics and artifacts)."""
+        _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+
+    def children(self, experiment_id: str, parent_id: str, *, kind: str | None = None,
+                 status: str | None = None) -> list[Any]:
+        """Runs nested under `parent_id`, oldest first, optionally of one kind and status."""
+        where = [f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'"]
+        if kind:
+            where.append(f"tags.`{KIND_TAG}` = '{kind}'")
+        if status:
+            where.append(f"attributes.status = '{status}'")
+        runs, token = [], None
+        while True:
+            page = _retry(lambda t=token: self.client.search_runs(
+                [experiment_id], " and ".join(where), max_results=1000,
+                order_by=["attributes.start_time ASC"], page_token=t))
+            runs += page
+            if not (token := page.token):
+                return runs
+
 
 
 class RunSink:

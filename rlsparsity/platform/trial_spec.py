@@ -55,7 +55,7 @@ class TrialSpec(Strict):
     training: TrainingSpec = TrainingSpec()
     rollout: RolloutSpec = RolloutSpec()
     resources: ResourcesSpec = ResourcesSpec()
-    tracking: TrackingSpec = TrackingSpec()
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)  # reads $MLFLOW_TRACKING_URI per spec
     analysis: bool = Field(True, description="run the overlap analysis after the sweep")
     # Set by the sweep: the grid axes a label would not otherwise show ("/lr=1e-05"), so
     # that every trial of a grid has its own label.

@@ -19,13 +19,24 @@ from ray import tune
 from rich.console import Console
 from rich.table import Table
 
-from rlsparsity.contracts.mlflow_layout import GRID_AXES_TAG, KIND_SWEEP, PLUGINS_TAG
+from rlsparsity.contracts.mlflow_layout import (
+    ERROR_TAG,
+    GRID_AXES_TAG,
+    KIND_SWEEP,
+    KIND_TAG,
+    KIND_TRIAL,
+    LABEL_TAG,
+    PARENT_TAG,
+    PLUGINS_TAG,
+    SPEC_KEY_TAG,
+)
 from rlsparsity.platform.algorithms import get_algorithm
 from rlsparsity.platform.cluster import init_ray
 from rlsparsity.platform.models import load_tokenizer, model_content_hash, resolve_model
 from rlsparsity.platform.plugins import search_paths_of
 from rlsparsity.platform.subnetwork_source import SourceError, fetch_source_mask
 from rlsparsity.platform.tracking import Tracker, git_commit
+from rlsparsity.sweeps.interrupt import Interrupted, interrupt_in, signals_interrupt
 from rlsparsity.sweeps.spec import SpecError, SweepSpec, apply_overrides
 from rlsparsity.sweeps.trial import COMPLETE_KEY, run_trial
 
@@ -40,6 +51,26 @@ class SweepFailed(RuntimeError):
         super().__init__(
             f"{len(result.failed)} of {len(result.failed) + len(result.trials)} trial(s) of sweep "
             f"{result.experiment!r} failed (MLflow sweep run {result.sweep_run_id}):\n  {lines}"
+        )
+
+
+class SweepInterrupted(SweepFailed):
+    """The sweep got SIGINT or SIGTERM. Its run and its unfinished trials' runs are KILLED;
+    `finished` and `unfinished` are trial labels. Resume with `sweep(..., resume=True)`
+    (`rlsparsity sweep SPEC --resume`): only the unfinished trials run again."""
+
+    def __init__(self, result: SweepResult, interrupt: Interrupted, finished: list[str], unfinished: list[str]) -> None:
+        self.result, self.interrupt = result, interrupt
+        self.finished, self.unfinished = finished, unfinished
+        self.exit_code = interrupt.exit_code
+        RuntimeError.__init__(
+            self,
+            f"sweep {result.experiment!r} interrupted by {interrupt.signal_name}: {len(finished)} of "
+            f"{len(finished) + len(unfinished)} trial(s) finished"
+            + (f" ({', '.join(finished)})" if finished else "")
+            + (f"; not finished: {', '.join(unfinished)}" if unfinished else "")
+            + f". The sweep run {result.sweep_run_id} and the unfinished trials' runs are KILLED in MLflow "
+            f"({result.tracking_uri}); finished trials are kept and are not run again on resume.",
         )
 
 
@@ -74,13 +105,17 @@ def sweep(
     console: Console | None = None,
     parent_run_id: str | None = None,
     run_tags: Mapping[str, Any] | None = None,
+    resume: bool = False,
 ) -> SweepResult:
     """Run every trial of the grid on Ray Tune and return their summaries.
 
     Raises `SpecError` before anything runs for a bad spec, and `SweepFailed` (carrying the
     result, completed trials included) when any trial failed; its MLflow run and the
-    sweep's are then FAILED. ``parent_run_id`` nests the sweep run (a study's stage) and
-    ``run_tags`` tag it."""
+    sweep's are then FAILED. SIGINT or SIGTERM raise `SweepInterrupted` (runs KILLED).
+    ``resume`` continues the experiment's latest unfinished sweep run of the same spec (after
+    an interrupt or a dead driver): Tune restores its grid, finished trials are not run
+    again, and the results go into the same MLflow parent run. ``parent_run_id`` nests the
+    sweep run (a study's stage) and ``run_tags`` tag it."""
     console = console or Console()
     spec = load_spec(spec, overrides)
     if spec.stages is not None:
@@ -93,6 +128,7 @@ def sweep(
         raise SpecError(f"invalid sweep spec:\n  training.prompt_format: 'chat' needs a chat template, and {first.model}'s tokenizer has none; use 'native'")
     base = {"id": first.model, "hash": model_content_hash(model_path)}
     tracker = Tracker(first.tracking.uri, first.tracking.artifact_location)
+    resumed = _resumable_run(tracker, spec, parent_run_id) if resume else None  # before anything starts
     storage = Path(os.environ.get("RLSPARSITY_RAY_STORAGE", Path.cwd() / ".rlsparsity" / "ray")).resolve()
     subnetwork_masks = _fetch_subnetwork_masks(spec, tracker, storage.parent / "masks", base)
     init_ray()
@@ -100,50 +136,95 @@ def sweep(
 
     experiment_id = tracker.experiment(spec.name)
     commit = git_commit()
-    sweep_run_id = tracker.start_run(
-        experiment_id,
-        f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        kind=KIND_SWEEP,
-        parent=parent_run_id,
-        tags={**(run_tags or {}), "model": first.model, "base_hash": base["hash"], "git_commit": commit,
-              GRID_AXES_TAG: json.dumps(sorted(spec.axes)),
-              **({PLUGINS_TAG: json.dumps(spec.plugins)} if spec.plugins else {})},
-    )
+    if resumed is not None:
+        sweep_run_id = resumed
+        # A driver that died (SIGKILL, a lost node) left its runs RUNNING; nothing runs them now.
+        _end_running(tracker, experiment_id, sweep_run_id, "its sweep's driver died")
+        tracker.reopen(sweep_run_id)
+        console.print(f"resuming sweep run {sweep_run_id}")
+    else:
+        sweep_run_id = tracker.start_run(
+            experiment_id,
+            f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            kind=KIND_SWEEP,
+            parent=parent_run_id,
+            tags={**(run_tags or {}), "model": first.model, "base_hash": base["hash"], "git_commit": commit,
+                  GRID_AXES_TAG: json.dumps(sorted(spec.axes)), SPEC_KEY_TAG: spec.fingerprint(),
+                  **({PLUGINS_TAG: json.dumps(spec.plugins)} if spec.plugins else {})},
+        )
     ok = False
+    interrupt: Interrupted | None = None
     result = SweepResult(spec.name, sweep_run_id, tracker.uri)
     try:
-        tracker.log_params(sweep_run_id, {"spec": json.dumps(spec.to_dict()), "trials": len(spec.grid()),
-                                          **{f"axis.{k}": json.dumps(v) for k, v in spec.axes.items()}})
-        ctx = {
-            "raw_spec": spec.to_dict(),
-            "plugins": spec.plugins,
-            "plugin_paths": search_paths_of(spec.plugins),
-            "artifact_location": first.tracking.artifact_location,
-            "model_path": str(model_path),
-            "base": base,
-            "tracking_uri": tracker.uri,
-            "experiment_id": experiment_id,
-            "sweep_run_id": sweep_run_id,
-            "git_commit": commit,
-            "storage_path": str(storage),
-            "subnetwork_masks": subnetwork_masks,
-        }
-        fits = max(1, math.floor(ray.cluster_resources().get("CPU", 1) / max(t.cpus() for t in spec.trials())))
-        concurrent = first.resources.max_concurrent_trials or fits
-        console.print(
-            f"[bold]sweep {spec.name}[/]: {len(spec.grid())} trials over {sorted(spec.axes) or 'no axes'}, "
-            f"{concurrent} at a time; MLflow {tracker.uri} (experiment {spec.name!r}, run {sweep_run_id})"
-        )
-        # The trial function only coordinates: its actors and learners hold the CPUs. Tune
-        # refuses an empty bundle, so the driver reserves memory only.
-        trainable = tune.with_resources(tune.with_parameters(_tune_fn, ctx=ctx), {"cpu": 0, "memory": 256 * 2**20})
+        with signals_interrupt():
+            if not resume:
+                tracker.log_params(sweep_run_id, {"spec": json.dumps(spec.to_dict()), "trials": len(spec.grid()),
+                                                  **{f"axis.{k}": json.dumps(v) for k, v in spec.axes.items()}})
+            _run_grid(spec, tracker, result, console, resume=resume, ctx={
+                "raw_spec": spec.to_dict(),
+                "plugins": spec.plugins,
+                "plugin_paths": search_paths_of(spec.plugins),
+                "artifact_location": first.tracking.artifact_location,
+                "model_path": str(model_path),
+                "base": base,
+                "tracking_uri": tracker.uri,
+                "experiment_id": experiment_id,
+                "sweep_run_id": sweep_run_id,
+                "git_commit": commit,
+                "storage_path": str(storage),
+                "subnetwork_masks": subnetwork_masks,
+            })
+            ok = result.ok
+    except Exception as e:
+        interrupt = interrupt_in(e)
+        if interrupt is None:
+            raise
+    finally:
+        # Whatever stopped the sweep, no run of it stays RUNNING: Tune stops trial actors
+        # without their clean-up, and a dead trial cannot end its own run.
+        why = f"interrupted by {interrupt.signal_name}" if interrupt else "the sweep stopped before this trial ended"
+        _end_running(tracker, experiment_id, sweep_run_id, why)
+        tracker.finish(sweep_run_id, ok, killed=interrupt is not None)
+    if interrupt is not None:
+        finished = {r.data.tags.get(LABEL_TAG) for r in tracker.children(experiment_id, sweep_run_id, kind=KIND_TRIAL, status="FINISHED")}
+        labels = [t.label for t in spec.trials()]
+        raise SweepInterrupted(result, interrupt, [x for x in labels if x in finished], [x for x in labels if x not in finished])
+    if not result.ok:
+        raise SweepFailed(result)
+    return result
+
+
+def _run_grid(spec: SweepSpec, tracker: Tracker, result: SweepResult, console: Console, *, resume: bool,
+              ctx: dict[str, Any]) -> None:
+    """The Tune grid (restored from its saved state on resume), the summary and the overlap."""
+    first = spec.trials()[0]
+    fits = max(1, math.floor(ray.cluster_resources().get("CPU", 1) / max(t.cpus() for t in spec.trials())))
+    concurrent = first.resources.max_concurrent_trials or fits
+    console.print(
+        f"[bold]sweep {spec.name}[/]: {len(spec.grid())} trials over {sorted(spec.axes) or 'no axes'}, "
+        f"{concurrent} at a time; MLflow {tracker.uri} (experiment {spec.name!r}, run {result.sweep_run_id})"
+    )
+    # The trial function only coordinates: its actors and learners hold the CPUs. Tune
+    # refuses an empty bundle, so the driver reserves memory only.
+    trainable = tune.with_resources(tune.with_parameters(_tune_fn, ctx=ctx), {"cpu": 0, "memory": 256 * 2**20})
+    name = f"{spec.name}-{result.sweep_run_id[:8]}"
+    path = Path(ctx["storage_path"]) / name
+    if resume and tune.Tuner.can_restore(str(path)):
+        console.print(f"resuming the Tune grid saved in {path}")
+        # Unfinished and failed trials run again from their start; a trial that finished in
+        # MLflow after Tune's last save reports its run instead of running (trial.run_trial).
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=True)
+    else:
+        if resume:
+            console.print(f"no saved Tune grid in {path}: running the grid, skipping trials finished in MLflow")
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search([{"point": p, "label": spec.trial(p).label} for p in spec.grid()])},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_trial_name),
             run_config=tune.RunConfig(
-                name=f"{spec.name}-{sweep_run_id[:8]}",
-                storage_path=str(storage),
+                name=name,
+                storage_path=ctx["storage_path"],
                 verbose=1,
                 progress_reporter=tune.CLIReporter(
                     metric_columns={"step": "step", "reward": "reward", "loss": "loss", "sync_bytes": "sync B"},
@@ -152,25 +233,45 @@ def sweep(
                 ),
             ),
         )
-        grid = tuner.fit()
-        for r in grid:
-            point, label = r.config["trial"]["point"], r.config["trial"]["label"]
-            metrics = r.metrics or {}
-            if r.error or not metrics.get(COMPLETE_KEY):
-                result.failed.append(f"{label}: {_error_text(r.error)}")
-            else:
-                result.trials.append({"label": label, **spec.trial(point).model_dump(include={"seed", "data_seed", "dataset", "algorithm"}), **metrics})
-        print_summary(result, console)
-        if not result.failed and first.analysis and len(result.trials) > 1:
-            from rlsparsity.analysis.job import run_overlap_analysis
+    grid = tuner.fit()
+    for r in grid:
+        point, label = r.config["trial"]["point"], r.config["trial"]["label"]
+        metrics = r.metrics or {}
+        if r.error or not metrics.get(COMPLETE_KEY):
+            result.failed.append(f"{label}: {_error_text(r.error)}")
+        else:
+            result.trials.append({"label": label, **spec.trial(point).model_dump(include={"seed", "data_seed", "dataset", "algorithm"}), **metrics})
+    print_summary(result, console)
+    if not result.failed and first.analysis and len(result.trials) > 1:
+        from rlsparsity.analysis.job import run_overlap_analysis
 
-            result.overlap = run_overlap_analysis(tracker.uri, spec.name, sweep_run_id=sweep_run_id, console=console)
-        ok = result.ok
-    finally:
-        tracker.finish(sweep_run_id, ok)
-    if not result.ok:
-        raise SweepFailed(result)
-    return result
+        result.overlap = run_overlap_analysis(tracker.uri, spec.name, sweep_run_id=result.sweep_run_id, console=console)
+
+
+def _resumable_run(tracker: Tracker, spec: SweepSpec, parent_run_id: str | None) -> str:
+    """The latest sweep run of this experiment, if it did not finish and ran this spec."""
+    exp = tracker.client.get_experiment_by_name(spec.name)
+    where = f"tags.`{KIND_TAG}` = '{KIND_SWEEP}'"
+    runs = [] if exp is None else [
+        r for r in tracker.client.search_runs([exp.experiment_id], where, order_by=["attributes.start_time DESC"], max_results=50)
+        if r.data.tags.get(PARENT_TAG) == parent_run_id]
+    if not runs:
+        raise SpecError(f"--resume: experiment {spec.name!r} ({tracker.uri}) has no sweep run to resume; run it without --resume")
+    run = runs[0]
+    if run.info.status == "FINISHED":
+        raise SpecError(f"--resume: the latest sweep run of {spec.name!r}, {run.info.run_id}, finished; nothing to resume")
+    if run.data.tags.get(SPEC_KEY_TAG) != spec.fingerprint():
+        raise SpecError(f"--resume: sweep run {run.info.run_id} of {spec.name!r} ran another spec (tag {SPEC_KEY_TAG} "
+                        f"{run.data.tags.get(SPEC_KEY_TAG)!r}, this spec {spec.fingerprint()!r}); resume with the same "
+                        "spec file and --set overrides")
+    return run.info.run_id
+
+
+def _end_running(tracker: Tracker, experiment_id: str, sweep_run_id: str, why: str) -> None:
+    """KILLED for the runs of a sweep left RUNNING: stopped from outside, not failed."""
+    for run in tracker.children(experiment_id, sweep_run_id, status="RUNNING"):
+        tracker.set_tags(run.info.run_id, {ERROR_TAG: why})
+        tracker.finish(run.info.run_id, False, killed=True)
 
 
 def _check_fits(spec: SweepSpec) -> None:

@@ -7,6 +7,7 @@ error names the dotted field and, for registries, the allowed values.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from collections.abc import Iterable, Mapping
@@ -202,6 +203,10 @@ class SweepSpec:
         if self.stages is not None:
             out["subnetwork_stages"] = self.stages.model_dump(mode="json")
         return out
+
+    def fingerprint(self) -> str:
+        """A short hash of the whole spec: equal for equal sweeps, whatever the key order."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # Grid axes a trial's label always shows (grpo/add/s0/d1); any other axis is appended.

@@ -8,7 +8,6 @@ not run again (keyed by the stage's spec; the code's version is not part of the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import tempfile
@@ -38,7 +37,7 @@ from rlsparsity.contracts.mlflow_layout import (
 )
 from rlsparsity.platform.models.saving import verify_weights_dir
 from rlsparsity.platform.tracking import Tracker
-from rlsparsity.sweeps.run import SweepResult, sweep
+from rlsparsity.sweeps.run import SweepInterrupted, SweepResult, sweep
 from rlsparsity.sweeps.spec import SweepSpec
 
 CLOSENESS_ARTIFACT = "subnetwork/closeness.json"
@@ -67,7 +66,7 @@ def stage_spec(spec: SweepSpec, kind: str) -> SweepSpec:
 
 
 def stage_key(stage: SweepSpec) -> str:
-    return hashlib.sha256(json.dumps(stage.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return stage.fingerprint()
 
 
 def run_study(spec: SweepSpec, *, console: Console | None = None) -> StudyResult:
@@ -81,7 +80,7 @@ def run_study(spec: SweepSpec, *, console: Console | None = None) -> StudyResult
         tags={"stages": json.dumps(["full", *spec.stages.kinds])},
     )
     result = StudyResult(spec.name, study_run, tracker.uri)
-    ok = False
+    ok = killed = False
     try:
         tracker.log_params(study_run, {"spec": json.dumps(spec.to_dict())})
         for kind in ("full", *spec.stages.kinds):
@@ -100,8 +99,11 @@ def run_study(spec: SweepSpec, *, console: Console | None = None) -> StudyResult
         result.analysis_run_id = _log_table(tracker, experiment_id, study_run, result.table)
         print_table(result, console)
         ok = True
+    except (SweepInterrupted, KeyboardInterrupt):
+        killed = True
+        raise
     finally:
-        tracker.finish(study_run, ok)
+        tracker.finish(study_run, ok, killed=killed)
     return result
 
 

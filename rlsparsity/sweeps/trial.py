@@ -75,6 +75,15 @@ def run_trial(point: dict[str, Any], label: str, ctx: dict[str, Any]) -> None:
     from rlsparsity.sweeps.spec import SweepSpec, flatten
 
     tracker = Tracker(ctx["tracking_uri"], ctx["artifact_location"])
+    done = tracker.children(ctx["experiment_id"], ctx["sweep_run_id"], kind=KIND_TRIAL, status="FINISHED")
+    done = [r for r in done if r.data.tags.get(LABEL_TAG) == label]
+    if done:
+        # A resumed sweep whose driver died after this trial finished but before Tune saved
+        # that: the finished run is the result, and the trial does not run twice.
+        metrics = done[-1].data.metrics
+        ray.tune.report({COMPLETE_KEY: 1, "mlflow_run_id": done[-1].info.run_id,
+                         **{k: metrics[k] for k in SUMMARY_METRICS if k in metrics}})
+        return
     try:
         # The plugins register custom algorithms and tasks in this process before the spec,
         # which names them, is validated here again.

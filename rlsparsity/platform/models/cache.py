@@ -67,12 +67,14 @@ def is_complete(model_dir: Path, recipe: Recipe | None = None) -> bool:
 
 
 def ensure_embedded_model(
-    name: str = "tiny-arith", cache_dir: str | Path | None = None, *, log_every: int = 0
+    name: str = "tiny-arith", cache_dir: str | Path | None = None, *, log_every: int | None = None
 ) -> Path:
     """Local HF directory of the embedded model ``name``; pretrains it on first use.
 
     ``cache_dir`` is the cache root (default: ``cache_root()``); the model lives in
     ``<cache_dir>/models/<name>-<hash12>``. A complete cached copy is returned as is.
+    A build prints its progress every ``log_every`` steps (default: ten lines; 0: silent),
+    so that a first run (or a `ray job` log) does not sit a minute without a word.
     """
     recipe = get_recipe(name)
     final = embedded_model_dir(name, cache_dir)
@@ -93,6 +95,12 @@ def ensure_embedded_model(
             os.replace(final, trash / "old")
             shutil.rmtree(trash, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+        steps = recipe.train.steps
+        if log_every is None:
+            log_every = max(1, steps // 10)
+        if log_every:
+            print(f"building the embedded model {name} (θ0) once into {final}: {steps} pretraining "
+                  "steps, about a minute on 2 CPUs", flush=True)
         try:
             build_embedded_model(recipe, tmp, log_every=log_every)
             _publishable_modes(tmp)

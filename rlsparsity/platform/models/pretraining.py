@@ -125,7 +125,8 @@ def pretrain(
         opt.step()
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{t.steps} loss {sum(losses[-log_every:]) / log_every:.4f}")
+            print(f"  {recipe.name}: pretraining step {step + 1}/{t.steps}, loss "
+                  f"{sum(losses[-log_every:]) / log_every:.4f}, {time.perf_counter() - start:.0f} s", flush=True)
     model.eval()
     stats = {
         "train_seconds": round(time.perf_counter() - start, 2),

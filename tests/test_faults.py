@@ -1,0 +1,238 @@
+"""Faults of a sweep's driver: SIGINT, SIGTERM, a killed driver, and `--resume` after them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+from services import free_port, start_mlflow_server, stop_process_group
+
+import rlsparsity
+from rlsparsity.sweeps.interrupt import TUNE_SIGINT_ENV, Interrupted, signals_interrupt
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def test_the_first_signal_interrupts_and_the_handlers_come_back():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(Interrupted) as info, signals_interrupt():
+        assert os.environ[TUNE_SIGINT_ENV] == "1"  # Tune's own SIGINT handler stays out
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+    assert info.value.signal_name == "SIGTERM" and info.value.exit_code == 143
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert TUNE_SIGINT_ENV not in os.environ
+
+
+def _sweep_cmd(db: Path, *extra: str) -> list[str]:
+    # Two trials, one at a time, so that one has finished while the other runs.
+    return [str(BIN / "rlsparsity"), "sweep", "sweeps/quickstart.yaml", "--set", "name=faults",
+            "--set", "seed=0", "--set", "dataset=add", "--set", "algorithm=[sft,grpo]",
+            "--set", "training.steps=3", "--set", "training.prompts_per_step=4",
+            "--set", "training.eval_problems=20", "--set", "resources.max_concurrent_trials=1",
+            "--set", f"tracking.uri=sqlite:///{db}", *extra]
+
+
+def _runs(db: Path) -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("faults")
+    return [] if exp is None else client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def _by_kind(runs: list, kind: str) -> list:
+    return [r for r in runs if r.data.tags.get("rlsparsity.kind") == kind]
+
+
+def _start(db: Path, tmp_path: Path, log_name: str) -> tuple[subprocess.Popen, Path]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RLSPARSITY_RAY_STORAGE"] = str(tmp_path / "ray")
+    log = tmp_path / log_name
+    proc = subprocess.Popen(_sweep_cmd(db), cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    return proc, log
+
+
+def _wait_first_finished_second_running(proc: subprocess.Popen, db: Path, log: Path) -> None:
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        # Read MLflow only once the sweep has made its store (two first openers race on the schema).
+        trials = _by_kind(_runs(db), "trial") if "sweep faults:" in log.read_text(errors="replace") else []
+        if sorted(r.info.status for r in trials) == ["FINISHED", "RUNNING"]:
+            return
+        time.sleep(1)
+    raise AssertionError("the first trial did not finish within 600 s:\n" + log.read_text()[-4000:])
+
+
+def _resume(db: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RLSPARSITY_RAY_STORAGE"] = str(tmp_path / "ray")
+    return subprocess.run(_sweep_cmd(db, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _check_resumed(db: Path, before: list, proc: subprocess.CompletedProcess) -> None:
+    """One sweep run, FINISHED; each trial label has one FINISHED run; the trial that had
+    finished was not run again; nothing RUNNING."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    runs = _runs(db)
+    assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
+    (sweep_run,) = _by_kind(runs, "sweep")
+    assert sweep_run.info.status == "FINISHED" and sweep_run.info.run_id == _by_kind(before, "sweep")[0].info.run_id
+    finished = [r for r in _by_kind(runs, "trial") if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["rlsparsity.label"] for r in finished) == ["grpo/add/s0", "sft/add/s0"]
+    (kept,) = [r for r in _by_kind(before, "trial") if r.info.status == "FINISHED"]
+    assert kept.info.run_id in {r.info.run_id for r in finished}, "the finished trial ran again"
+    (analysis,) = _by_kind(runs, "analysis")
+    assert analysis.info.status == "FINISHED"
+    assert analysis.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id
+
+
+def _fault_mid_sweep(db: Path, tmp_path: Path, fault) -> tuple[int, str]:
+    """Start the sweep, apply `fault(proc)` once its first trial finished and its second runs;
+    (exit code, log)."""
+    proc, log = _start(db, tmp_path, "sweep.log")
+    try:
+        _wait_first_finished_second_running(proc, db, log)
+        fault(proc)
+        rc = proc.wait(timeout=180)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return rc, log.read_text()
+
+
+def _kill_machine(proc: subprocess.Popen) -> None:
+    """The driver's machine dies: the driver and every Ray process it started, at once."""
+    for pid in [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_sigint_ends_every_run_killed_and_resume_runs_only_the_unfinished_trial(embedded_model_dir, tmp_path):
+    db = tmp_path / "mlruns.db"
+    # Ctrl-C sends SIGINT to the driver (and its group).
+    rc, out = _fault_mid_sweep(db, tmp_path, lambda proc: proc.send_signal(signal.SIGINT))
+    assert rc == 130, out[-6000:]
+    assert "interrupted by SIGINT: 1 of 2 trial(s) finished" in out, out[-6000:]
+    assert "To finish the sweep, resume with: rlsparsity sweep sweeps/quickstart.yaml --set name=faults" in out
+    assert out.rstrip().endswith("--resume"), out[-2000:]
+    assert "Tuner.restore" not in out  # Ray's hint is not the user's command
+    runs = _runs(db)
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+    (sweep_run,) = _by_kind(runs, "sweep")
+    assert sweep_run.info.status == "KILLED"
+    statuses = sorted((r.info.status, r.data.tags.get("rlsparsity.error", "")) for r in _by_kind(runs, "trial"))
+    assert statuses[0][0] == "FINISHED" and statuses[1][0] == "KILLED", statuses
+
+    _check_resumed(db, runs, _resume(db, tmp_path))
+
+
+@pytest.mark.slow
+def test_a_killed_driver_is_resumed(embedded_model_dir, tmp_path):
+    db = tmp_path / "mlruns.db"
+    _fault_mid_sweep(db, tmp_path, _kill_machine)
+    runs = _runs(db)
+    assert sorted(r.info.status for r in _by_kind(runs, "trial")) == ["FINISHED", "RUNNING"]
+    assert _by_kind(runs, "sweep")[0].info.status == "RUNNING"  # what a dead driver leaves
+
+    resumed = _resume(db, tmp_path)
+    _check_resumed(db, runs, resumed)
+    (stale,) = [r for r in _by_kind(_runs(db), "trial") if r.info.status == "KILLED"]
+    assert stale.data.tags["rlsparsity.error"] == "its sweep's driver died"
+
+
+def test_resume_refuses_what_it_cannot_resume(embedded_model_dir, tmp_path, capsys):
+    from rlsparsity.cli import main
+
+    db = tmp_path / "mlruns.db"
+    args = ["sweep", "sweeps/quickstart.yaml", "--set", "name=faults", "--set", f"tracking.uri=sqlite:///{db}",
+            "--resume"]
+    assert main(args) == 2
+    assert "--resume: experiment 'faults'" in capsys.readouterr().err
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.create_experiment("faults")
+    run = client.create_run(exp, tags={"rlsparsity.kind": "sweep", "rlsparsity.spec_key": "0123"})
+    client.set_terminated(run.info.run_id, "KILLED")
+    assert main(args) == 2
+    assert f"sweep run {run.info.run_id} of 'faults' ran another spec" in capsys.readouterr().err
+    client.set_terminated(run.info.run_id, "FINISHED")
+    assert main(args) == 2
+    assert f"the latest sweep run of 'faults', {run.info.run_id}, finished; nothing to resume" in capsys.readouterr().err
+    assert main([*args[:-1], "--set", "subnetwork_stages={kinds: [learned]}", "--resume"]) == 2
+    assert "a staged study resumes by running it again" in capsys.readouterr().err
+
+
+def test_an_interrupt_is_found_under_the_error_ray_wraps_it_in():
+    from rlsparsity.sweeps.interrupt import interrupt_in
+
+    inner = Interrupted(signal.SIGINT)
+    try:
+        try:
+            raise inner
+        except Interrupted as e:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from e
+    except SystemError as wrapped:
+        assert interrupt_in(wrapped) is inner
+    assert interrupt_in(ValueError("x")) is None
+
+
+@pytest.mark.slow
+def test_an_mlflow_server_down_for_30_s_loses_nothing(embedded_model_dir, ray_session, tmp_path, monkeypatch):
+    """MLflow's client retries (7 times, backoff 2 s: over two minutes) carry the trials
+    through the outage: every metric step and every mask arrives."""
+    root, port = tmp_path / "server", free_port()
+    root.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = {"proc": start_mlflow_server(root, port)}
+    outage: dict[str, float] = {}
+
+    def take_it_down_mid_trial() -> None:
+        client = MlflowClient(tracking_uri=uri)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            exp = client.get_experiment_by_name("outage")
+            trials = [] if exp is None else client.search_runs([exp.experiment_id], "tags.`rlsparsity.kind` = 'trial'")
+            if any(r.info.status == "RUNNING" and r.data.metrics for r in trials):  # training, logging
+                break
+            time.sleep(0.5)
+        stop_process_group(server["proc"])
+        outage["down"] = time.time()
+        time.sleep(30)
+        server["proc"] = start_mlflow_server(root, port)
+        outage["up"] = time.time()
+
+    monkeypatch.setenv("RLSPARSITY_RAY_STORAGE", str(tmp_path / "ray"))
+    chaos = threading.Thread(target=take_it_down_mid_trial, daemon=True)
+    chaos.start()
+    try:
+        result = rlsparsity.sweep("sweeps/quickstart.yaml", [
+            "name=outage", "seed=0", "dataset=add", "algorithm=[sft,grpo]", "training.steps=6",
+            "training.masks.every=2", "training.prompts_per_step=4", "training.eval_problems=20",
+            f"tracking.uri={uri}"])
+        ended = time.time()
+        chaos.join(timeout=120)
+        assert outage.get("up", 0) - outage.get("down", 0) >= 30, outage  # the outage happened,
+        assert outage["down"] < ended, outage  # while the sweep ran
+        assert result.ok, result.failed
+        client = MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+        assert sorted(r.data.tags["rlsparsity.kind"] for r in runs) == ["analysis", "sweep", "trial", "trial"]
+        assert {r.info.status for r in runs} == {"FINISHED"}
+        for r in (r for r in runs if r.data.tags["rlsparsity.kind"] == "trial"):
+            assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+            names = {a.path for a in client.list_artifacts(r.info.run_id, "masks")}
+            assert names == {"masks/step_000002.arrow", "masks/step_000004.arrow", "masks/final.arrow"}
+    finally:
+        stop_process_group(server["proc"])

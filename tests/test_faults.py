@@ -34,6 +34,20 @@ def test_the_first_signal_interrupts_and_the_handlers_come_back():
     assert TUNE_SIGINT_ENV not in os.environ
 
 
+def test_nested_blocks_hand_the_signals_back_to_the_outer_one():
+    # A study (outer block) runs sweeps (inner blocks): between them a signal still interrupts.
+    with signals_interrupt():
+        outer = signal.getsignal(signal.SIGINT)
+        with signals_interrupt():
+            assert signal.getsignal(signal.SIGINT) is not outer
+        assert signal.getsignal(signal.SIGINT) is outer and os.environ[TUNE_SIGINT_ENV] == "1"
+        with pytest.raises(Interrupted) as info:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        assert info.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def _sweep_cmd(db: Path, *extra: str) -> list[str]:
     # Two trials, one at a time, so that one has finished while the other runs.
     return [str(BIN / "rlsparsity"), "sweep", "sweeps/quickstart.yaml", "--set", "name=faults",

@@ -28,6 +28,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 def _run_sweep(args: argparse.Namespace) -> int:
     from rlsparsity.analysis.overlap import OverlapError
+    from rlsparsity.sweeps.interrupt import interrupt_in
     from rlsparsity.sweeps.run import SweepFailed, SweepInterrupted, load_spec, sweep
 
     # Piped output (CI logs, `ray job` logs) would otherwise wrap the tables at 80 columns.
@@ -61,6 +62,13 @@ def _run_sweep(args: argparse.Namespace) -> int:
                else f"resume with: {again} --resume")
         print(f"interrupted: {e}\nTo finish the sweep, {how}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:
+        if (interrupt := interrupt_in(e)) is None:
+            raise
+        # A study interrupted between its stages: its run is KILLED, its finished stages kept.
+        print(f"interrupted by {interrupt.signal_name}: the study's run is KILLED; run the same command again: "
+              "its finished stages are reused", file=sys.stderr)
+        return interrupt.exit_code
     except SweepFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -16,7 +16,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 from services import free_port, start_mlflow_server, stop_process_group
 
-import rlsparsity
 from rlsparsity.sweeps.interrupt import TUNE_SIGINT_ENV, Interrupted, signals_interrupt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,13 +33,32 @@ def test_the_first_signal_interrupts_and_the_handlers_come_back():
     assert TUNE_SIGINT_ENV not in os.environ
 
 
+def test_nested_blocks_hand_the_signals_back_to_the_outer_one():
+    # A study (outer block) runs sweeps (inner blocks): between them a signal still interrupts.
+    with signals_interrupt():
+        outer = signal.getsignal(signal.SIGINT)
+        with signals_interrupt():
+            assert signal.getsignal(signal.SIGINT) is not outer
+        assert signal.getsignal(signal.SIGINT) is outer and os.environ[TUNE_SIGINT_ENV] == "1"
+        with pytest.raises(Interrupted) as info:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        assert info.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def _sweep_cmd(db: Path, *extra: str) -> list[str]:
     # Two trials, one at a time, so that one has finished while the other runs.
-    return [str(BIN / "rlsparsity"), "sweep", "sweeps/quickstart.yaml", "--set", "name=faults",
-            "--set", "seed=0", "--set", "dataset=add", "--set", "algorithm=[sft,grpo]",
-            "--set", "training.steps=3", "--set", "training.prompts_per_step=4",
-            "--set", "training.eval_problems=20", "--set", "resources.max_concurrent_trials=1",
-            "--set", f"tracking.uri=sqlite:///{db}", *extra]
+    return _two_trials("faults", f"sqlite:///{db}", "training.steps=3", "resources.max_concurrent_trials=1", *extra)
+
+
+def _two_trials(name: str, tracking_uri: str, *sets: str) -> list[str]:
+    """`rlsparsity sweep` of a 2-trial grid (sft, grpo on add, seed 0), small; `sets` are more
+    --set overrides, or flags (starting with --)."""
+    base = [f"name={name}", "seed=0", "dataset=add", "algorithm=[sft,grpo]", "training.prompts_per_step=4",
+            "training.eval_problems=20", f"tracking.uri={tracking_uri}"]
+    return [str(BIN / "rlsparsity"), "sweep", "sweeps/quickstart.yaml",
+            *(a for o in [*base, *sets] for a in ((o,) if o.startswith("--") else ("--set", o)))]
 
 
 def _runs(db: Path) -> list:
@@ -189,7 +207,7 @@ def test_an_interrupt_is_found_under_the_error_ray_wraps_it_in():
 
 
 @pytest.mark.slow
-def test_an_mlflow_server_down_for_30_s_loses_nothing(embedded_model_dir, ray_session, tmp_path, monkeypatch):
+def test_an_mlflow_server_down_for_30_s_loses_nothing(embedded_model_dir, tmp_path):
     """MLflow's client retries (7 times, backoff 2 s: over two minutes) carry the trials
     through the outage: every metric step and every mask arrives."""
     root, port = tmp_path / "server", free_port()
@@ -213,19 +231,20 @@ def test_an_mlflow_server_down_for_30_s_loses_nothing(embedded_model_dir, ray_se
         server["proc"] = start_mlflow_server(root, port)
         outage["up"] = time.time()
 
-    monkeypatch.setenv("RLSPARSITY_RAY_STORAGE", str(tmp_path / "ray"))
     chaos = threading.Thread(target=take_it_down_mid_trial, daemon=True)
     chaos.start()
+    # A subprocess, as a user runs it (and so that this process starts no Ray of its own:
+    # later tests assert that none is up).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RLSPARSITY_RAY_STORAGE"] = str(tmp_path / "ray")
     try:
-        result = rlsparsity.sweep("sweeps/quickstart.yaml", [
-            "name=outage", "seed=0", "dataset=add", "algorithm=[sft,grpo]", "training.steps=6",
-            "training.masks.every=2", "training.prompts_per_step=4", "training.eval_problems=20",
-            f"tracking.uri={uri}"])
+        proc = subprocess.run(_two_trials("outage", uri, "training.steps=6", "training.masks.every=2"),
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         ended = time.time()
         chaos.join(timeout=120)
         assert outage.get("up", 0) - outage.get("down", 0) >= 30, outage  # the outage happened,
         assert outage["down"] < ended, outage  # while the sweep ran
-        assert result.ok, result.failed
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
         client = MlflowClient(tracking_uri=uri)
         runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
         assert sorted(r.data.tags["rlsparsity.kind"] for r in runs) == ["analysis", "sweep", "trial", "trial"]

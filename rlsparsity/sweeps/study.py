@@ -37,6 +37,7 @@ from rlsparsity.contracts.mlflow_layout import (
 )
 from rlsparsity.platform.models.saving import verify_weights_dir
 from rlsparsity.platform.tracking import Tracker
+from rlsparsity.sweeps.interrupt import interrupt_in, signals_interrupt
 from rlsparsity.sweeps.run import SweepInterrupted, SweepResult, sweep
 from rlsparsity.sweeps.spec import SweepSpec
 
@@ -82,25 +83,26 @@ def run_study(spec: SweepSpec, *, console: Console | None = None) -> StudyResult
     result = StudyResult(spec.name, study_run, tracker.uri)
     ok = killed = False
     try:
-        tracker.log_params(study_run, {"spec": json.dumps(spec.to_dict())})
-        for kind in ("full", *spec.stages.kinds):
-            stage = stage_spec(spec, kind)
-            key = stage_key(stage)
-            earlier = _finished_stage(tracker, spec.name, experiment_id, key)
-            if earlier is not None:
-                console.print(f"[bold]stage {kind}[/]: reusing sweep run {earlier.sweep_run_id} (finished, same spec)")
-                result.stages[kind] = earlier
-                result.reused.append(kind)
-                continue
-            console.print(f"[bold]stage {kind}[/]")
-            result.stages[kind] = sweep(stage, console=console, parent_run_id=study_run,
-                                        run_tags={STAGE_TAG: kind, STAGE_KEY_TAG: key})
-        result.table = closeness_table(tracker, result.stages)
-        result.analysis_run_id = _log_table(tracker, experiment_id, study_run, result.table)
-        print_table(result, console)
-        ok = True
-    except (SweepInterrupted, KeyboardInterrupt):
-        killed = True
+        with signals_interrupt():  # between stages too: the study's run ends KILLED
+            tracker.log_params(study_run, {"spec": json.dumps(spec.to_dict())})
+            for kind in ("full", *spec.stages.kinds):
+                stage = stage_spec(spec, kind)
+                key = stage_key(stage)
+                earlier = _finished_stage(tracker, spec.name, experiment_id, key)
+                if earlier is not None:
+                    console.print(f"[bold]stage {kind}[/]: reusing sweep run {earlier.sweep_run_id} (finished, same spec)")
+                    result.stages[kind] = earlier
+                    result.reused.append(kind)
+                    continue
+                console.print(f"[bold]stage {kind}[/]")
+                result.stages[kind] = sweep(stage, console=console, parent_run_id=study_run,
+                                            run_tags={STAGE_TAG: kind, STAGE_KEY_TAG: key})
+            result.table = closeness_table(tracker, result.stages)
+            result.analysis_run_id = _log_table(tracker, experiment_id, study_run, result.table)
+            print_table(result, console)
+            ok = True
+    except Exception as e:
+        killed = isinstance(e, SweepInterrupted) or interrupt_in(e) is not None
         raise
     finally:
         tracker.finish(study_run, ok, killed=killed)

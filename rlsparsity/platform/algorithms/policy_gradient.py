@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from rlsparsity.platform.algorithms.common import kl_estimate, reference_logprobs
 from rlsparsity.platform.algorithms.registry import (
@@ -36,6 +36,7 @@ from rlsparsity.platform.algorithms.registry import (
     register_algorithm,
 )
 from rlsparsity.platform.batches import TokenBatch, masked_mean, token_logprobs
+from rlsparsity.platform.config import Strict
 
 if TYPE_CHECKING:
     from rlsparsity.platform.config import TrainingSpec
@@ -44,10 +45,8 @@ Metrics = dict[str, float]
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 
 
-class _Section(BaseModel):
+class _Section(Strict):
     """A nested block of an algorithm config (strict like the config itself)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # --------------------------------------------------------------------------- shared pieces

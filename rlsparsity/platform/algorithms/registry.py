@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from rlsparsity.platform.batches import TokenBatch
+from rlsparsity.platform.config import Strict
 
 if TYPE_CHECKING:
     from rlsparsity.platform.config import TrainingSpec
@@ -47,10 +48,9 @@ Source = str
 PairSource = Literal["offline", "best_vs_worst", "random_negative"]
 
 
-class AlgorithmConfig(BaseModel):
-    """An algorithm's own knobs: the trial's `algorithm_config.<name>` section."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class AlgorithmConfig(Strict):
+    """An algorithm's own knobs: the trial's `algorithm_config.<name>` section (strict like
+    the spec: unknown keys and YAML's yes/no for numbers are refused)."""
 
     epochs: int = Field(1, ge=1, description="passes over each step's batch (PPO's epochs)")
     minibatches: int = Field(1, ge=1, description="optimizer steps per pass; rows split evenly")

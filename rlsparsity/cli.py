@@ -62,19 +62,19 @@ def _run_sweep(args: argparse.Namespace) -> int:
                else f"resume with: {again} --resume")
         print(f"interrupted: {e}\nTo finish the sweep, {how}", file=sys.stderr)
         return e.exit_code
-    except Exception as e:
-        if (interrupt := interrupt_in(e)) is None:
-            raise
-        # A study interrupted between its stages: its run is KILLED, its finished stages kept.
-        print(f"interrupted by {interrupt.signal_name}: the study's run is KILLED; run the same command again: "
-              "its finished stages are reused", file=sys.stderr)
-        return interrupt.exit_code
     except SweepFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OverlapError as e:  # the sweep's analysis run is FAILED, with the error as its tag
         print(f"error: the sweep's overlap analysis failed: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # last: SweepFailed and OverlapError are Exceptions too
+        if (interrupt := interrupt_in(e)) is None:
+            raise
+        # A study interrupted between its stages: its run is KILLED, its finished stages kept.
+        print(f"interrupted by {interrupt.signal_name}: the study's run is KILLED; run the same command again: "
+              "its finished stages are reused", file=sys.stderr)
+        return interrupt.exit_code
     return 0
 
 

@@ -173,6 +173,7 @@ def sweep(
                 "git_commit": commit,
                 "storage_path": str(storage),
                 "subnetwork_masks": subnetwork_masks,
+                "resume": resume,
             })
             ok = result.ok
     except Exception as e:

@@ -75,8 +75,10 @@ def run_trial(point: dict[str, Any], label: str, ctx: dict[str, Any]) -> None:
     from rlsparsity.sweeps.spec import SweepSpec, flatten
 
     tracker = Tracker(ctx["tracking_uri"], ctx["artifact_location"])
-    done = tracker.children(ctx["experiment_id"], ctx["sweep_run_id"], kind=KIND_TRIAL, status="FINISHED")
-    done = [r for r in done if r.data.tags.get(LABEL_TAG) == label]
+    done = []
+    if ctx.get("resume"):  # only a resumed sweep can hold this trial's finished run already
+        done = tracker.children(ctx["experiment_id"], ctx["sweep_run_id"], kind=KIND_TRIAL, status="FINISHED")
+        done = [r for r in done if r.data.tags.get(LABEL_TAG) == label]
     if done:
         # A resumed sweep whose driver died after this trial finished but before Tune saved
         # that: the finished run is the result, and the trial does not run twice.

@@ -99,8 +99,8 @@ def ensure_embedded_model(
         if log_every is None:
             log_every = max(1, steps // 10)
         if log_every:
-            print(f"building the embedded model {name} (θ0) once into {final}: {steps} pretraining "
-                  "steps, about a minute on 2 CPUs", flush=True)
+            print(f"building the embedded model {name} (θ0) once into {final}: {steps} pretraining steps",
+                  flush=True)
         try:
             build_embedded_model(recipe, tmp, log_every=log_every)
             _publishable_modes(tmp)

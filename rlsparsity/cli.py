@@ -1,4 +1,4 @@
-"""`rlsparsity sweep | diff | overlap`."""
+"""`rlsparsity sweep | diff | overlap | upload`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 def _run_sweep(args: argparse.Namespace) -> int:
     from rlsparsity.analysis.overlap import OverlapError
+    from rlsparsity.platform.tracking import TrackingUnavailable
     from rlsparsity.sweeps.interrupt import interrupt_in
     from rlsparsity.sweeps.run import SweepFailed, SweepInterrupted, load_spec, sweep
 
@@ -62,7 +63,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
                else f"resume with: {again} --resume")
         print(f"interrupted: {e}\nTo finish the sweep, {how}", file=sys.stderr)
         return e.exit_code
-    except SweepFailed as e:
+    except (SweepFailed, TrackingUnavailable) as e:  # SweepTrackingLost names its spool
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OverlapError as e:  # the sweep's analysis run is FAILED, with the error as its tag
@@ -78,6 +79,31 @@ def _run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_upload(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "upload",
+        help="send what a sweep kept locally while its tracking server was down",
+        description="Send a sweep's spool folder (.rlsparsity/unsent/RUN_ID, named in the sweep's error) to its "
+                    "tracking server: metrics, params and tags, then masks and weights, then each run's end status. "
+                    "What is sent is deleted, so a failed upload can be run again.",
+    )
+    p.add_argument("spool", help="the spool folder the sweep's error named")
+    p.add_argument("--tracking-uri", default=None, help="default: the server the spool was written for")
+    p.set_defaults(func=_run_upload)
+
+
+def _run_upload(args: argparse.Namespace) -> int:
+    from rlsparsity.platform.tracking import TrackingUnavailable, upload_unsent
+
+    try:
+        sent = upload_unsent(args.spool, args.tracking_uri)
+    except (TrackingUnavailable, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("sent " + ", ".join(f"{v} {k}" for k, v in sent.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlsparsity", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     diff_cli.add_parser(sub)
     overlap_cli.add_parser(sub)
+    _add_upload(sub)
     return parser
 
 

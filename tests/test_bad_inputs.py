@@ -44,6 +44,8 @@ SPEC_CASES = {
     "duplicate value": ("name: bad\nseed: [0, 0]\n", (), "seed: 0 is listed twice"),
     "malformed --set": (BASE, ("seed=[0, 1",), "--set 'seed=[0, 1': the value is not valid YAML"),
     "bogus tracking": (BASE + "tracking: {uri: 'bogus://x'}\n", (), "tracking.uri: unknown tracking store scheme 'bogus'"),
+    "checkpoint every 0": (BASE, ("training.checkpoint_every=0",), "training.checkpoint_every: Input should be greater than or equal to 1"),
+    "max failures -1": (BASE, ("resources.max_failures=-1",), "resources.max_failures: Input should be greater than or equal to 0"),
 }
 
 

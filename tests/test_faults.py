@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -210,7 +211,7 @@ def test_an_interrupt_is_found_under_the_error_ray_wraps_it_in():
 
 @pytest.mark.slow
 def test_an_mlflow_server_down_for_30_s_loses_nothing(embedded_model_dir, tmp_path):
-    """MLflow's client retries (7 times, backoff 2 s: over two minutes) carry the trials
+    """MLflow's client retries (5 times as the platform sets them, backoff 2 s doubling: about 60 s) carry the trials
     through the outage: every metric step and every mask arrives."""
     root, port = tmp_path / "server", free_port()
     root.mkdir()
@@ -255,5 +256,115 @@ def test_an_mlflow_server_down_for_30_s_loses_nothing(embedded_model_dir, tmp_pa
             assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
             names = {a.path for a in client.list_artifacts(r.info.run_id, "masks")}
             assert names == {"masks/step_000002.arrow", "masks/step_000004.arrow", "masks/final.arrow"}
+    finally:
+        stop_process_group(server["proc"])
+
+
+def test_a_dead_server_keeps_the_artifact_and_an_upload_sends_it_later(tmp_path, monkeypatch):
+    """Unit level, against a real `mlflow server`: a mask logged while the server is down is
+    kept in the spool, later calls fail at once, and `rlsparsity upload` sends it all."""
+    from rlsparsity.cli import main
+    from rlsparsity.platform.tracking import Tracker, TrackingUnavailable
+
+    root, port = tmp_path / "server", free_port()
+    root.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(root, port)
+    try:
+        live = Tracker(uri)
+        run_id = live.start_run(live.experiment("spool"), "t", kind="trial")
+    finally:
+        stop_process_group(server)
+    mask = tmp_path / "step_000002.arrow"
+    mask.write_bytes(b"mask bits")
+    spool = tmp_path / "unsent"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # this test's waits only
+    down = Tracker(uri, spool=spool)
+    with pytest.raises(TrackingUnavailable, match=rf"{uri} is unreachable.*rlsparsity upload {spool}"):
+        down.log_artifact(run_id, mask, "masks")
+    assert json.loads((spool / "UNREACHABLE").read_text())["uri"] == uri
+    with pytest.raises(TrackingUnavailable):  # the marker: not tried again, kept
+        down.log_metrics(run_id, {"loss": 0.5}, step=3)
+    down.finish(run_id, False)  # a run's end waits in the spool, without raising
+    assert (spool / run_id / "artifacts" / "masks" / "step_000002.arrow").read_bytes() == b"mask bits"
+
+    assert main(["upload", str(spool)]) == 1  # still down: an error, and the spool is kept
+    assert (spool / run_id / "artifacts" / "masks" / "step_000002.arrow").exists()
+    server = start_mlflow_server(root, port)
+    try:
+        assert main(["upload", str(spool)]) == 0
+        client = MlflowClient(tracking_uri=uri)
+        assert [a.path for a in client.list_artifacts(run_id, "masks")] == ["masks/step_000002.arrow"]
+        assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(3, 0.5)]
+        assert client.get_run(run_id).info.status == "FAILED"
+        assert not spool.exists() or not any(spool.iterdir())
+    finally:
+        stop_process_group(server)
+
+
+@pytest.mark.slow
+def test_an_mlflow_server_down_for_good_stops_the_sweep_in_bounded_time(embedded_model_dir, tmp_path):
+    """The server dies mid-trial and stays down: the sweep exits 1 within about MLflow's retry
+    window with one message naming the spool; once a server is back, `rlsparsity upload`
+    leaves no run RUNNING and every mask of the trial in the store."""
+    root, port = tmp_path / "server", free_port()
+    root.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = {"proc": start_mlflow_server(root, port)}
+    outage: dict[str, float] = {}
+
+    def take_it_down_for_good() -> None:
+        client = MlflowClient(tracking_uri=uri)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            exp = client.get_experiment_by_name("down")
+            trials = [] if exp is None else client.search_runs([exp.experiment_id], "tags.`rlsparsity.kind` = 'trial'")
+            if any(r.info.status == "RUNNING" and r.data.metrics.get("loss") is not None for r in trials):
+                break
+            time.sleep(0.5)
+        stop_process_group(server["proc"])
+        outage["down"] = time.time()
+
+    chaos = threading.Thread(target=take_it_down_for_good, daemon=True)
+    chaos.start()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")}
+    env["RLSPARSITY_RAY_STORAGE"] = str(tmp_path / "ray")
+    try:
+        proc = subprocess.run(_two_trials("down", uri, "training.steps=200", "training.masks.every=5",
+                                          "resources.max_concurrent_trials=1"),
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        ended = time.time()
+        chaos.join(timeout=60)
+        out = proc.stdout + proc.stderr
+        (tmp_path / "sweep.log").write_text(out)
+        assert "down" in outage, out[-4000:]
+        print(f"the sweep exited {ended - outage['down']:.0f} s after the server went down")
+        assert proc.returncode == 1, out[-6000:]
+        took = ended - outage["down"]
+        assert took < 180, f"the sweep took {took:.0f} s to stop after the server went down"
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and f"the tracking server {uri} is unreachable" in lines[0], out[-4000:]
+        assert "MaxRetryError" not in out and "Retrying (Retry(" not in out  # no urllib3 noise
+        spool = Path(lines[0].split("send it with `rlsparsity upload ")[1].split("`")[0])
+        assert spool.is_dir() and (spool / "UNREACHABLE").exists()
+        assert f"\nthe sweep stopped; kept for 2 run(s) in {spool}: " in proc.stderr  # the sweep's and the trial's
+
+        server["proc"] = start_mlflow_server(root, port)
+        upload = subprocess.run([str(BIN / "rlsparsity"), "upload", str(spool)], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert upload.returncode == 0, upload.stdout + upload.stderr
+        client = MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name("down").experiment_id])
+        assert [r.info.status for r in runs if r.info.status == "RUNNING"] == [], [(r.info.run_name, r.info.status) for r in runs]
+        (sweep_run,) = _by_kind(runs, "sweep")
+        assert sweep_run.info.status == "FAILED"
+        for trial in _by_kind(runs, "trial"):
+            assert trial.info.status in ("FAILED", "KILLED")
+            steps = sorted(m.step for m in client.get_metric_history(trial.info.run_id, "loss"))
+            names = sorted(a.path for a in client.list_artifacts(trial.info.run_id, "masks"))
+            # Every mask written before the learner stopped is in the store now: those of the
+            # steps whose metrics arrived, and maybe one more (a step logs its mask first).
+            assert names == [f"masks/step_{s:06d}.arrow" for s in range(5, 5 * len(names) + 1, 5)], names
+            assert len(names) >= max(steps, default=0) // 5, (names, steps)
     finally:
         stop_process_group(server["proc"])

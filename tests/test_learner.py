@@ -33,7 +33,7 @@ def test_learner_runs_steps_without_ray(algorithm, embedded_model_dir, tmp_path)
     engine = HFEngine(embedded_model_dir, threads=1)
     sink = LocalSink(tmp_path)
     learner = Learner(spec, embedded_model_dir, base={"id": "embedded", "hash": "h"}, target={"run_id": "local"},
-                      rollout=lambda named: LocalRollout(engine), sink=sink)
+                      rollout=lambda named: LocalRollout(engine, named), sink=sink)
     summary = run_learner(learner)
     assert not ray.is_initialized()
     assert [s for s, _ in sink.metrics] == [0, 1, 2, 3, 3]  # before, each step, the summary

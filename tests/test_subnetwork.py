@@ -122,7 +122,7 @@ def test_entries_outside_the_mask_stay_bit_identical_at_every_step(algorithm, em
     spec = _spec(algorithm, {"random": {"density": 0.05, "seed": 1, "draw": "per_tensor"}})
     engine = HFEngine(embedded_model_dir, threads=1)
     learner = Learner(spec, embedded_model_dir, base=BASE, target={"run_id": "local"},
-                      rollout=lambda named: LocalRollout(engine), sink=LocalSink(tmp_path))
+                      rollout=lambda named: LocalRollout(engine, named), sink=LocalSink(tmp_path))
     learner.setup()
     # θ0 as the learner starts from it: the bf16 view of the checkpoint, held in float32.
     theta0 = {n: p.detach().to(torch.bfloat16).float() for n, p in load_model(embedded_model_dir).named_parameters()}
@@ -157,12 +157,12 @@ def test_a_learned_mask_trains_only_its_entries_and_the_weights_are_saved(embedd
     engine = HFEngine(embedded_model_dir, threads=1)
     full_spec = SweepSpec({"algorithm": "sft", "seed": 0, "dataset": "add",
                            "training": {"steps": 2, "prompts_per_step": 4, "eval_problems": 8}}).trials()[0]
-    full = Learner(full_spec, embedded_model_dir, base=BASE, rollout=lambda named: LocalRollout(engine), sink=LocalSink(tmp_path / "full"))
+    full = Learner(full_spec, embedded_model_dir, base=BASE, rollout=lambda named: LocalRollout(engine, named), sink=LocalSink(tmp_path / "full"))
     run_learner(full)
     mask_path = tmp_path / "full" / "masks" / "final.arrow"
 
     sub_spec = _spec("sft", {"mask": str(mask_path)}, steps=2)
-    sub = Learner(sub_spec, embedded_model_dir, base=BASE, rollout=lambda named: LocalRollout(engine),
+    sub = Learner(sub_spec, embedded_model_dir, base=BASE, rollout=lambda named: LocalRollout(engine, named),
                   sink=LocalSink(tmp_path / "sub"), subnetwork_mask=mask_path)
     summary = run_learner(sub)
     assert sub.subnet.size == round((1 - full.last_mask_stats.sparsity) * full.last_mask_stats.total)

@@ -124,6 +124,11 @@ class TrainingSpec(Strict):
         "(2 bytes per parameter); default final below 1e9 parameters, an explicit choice above"
     )
     subnetwork: SubnetworkSpec | None = Field(None, description="train only a mask's entries of the policy")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="save the learner's state (masters, optimizer, schedule, RNG) every k steps as a "
+        "Ray Train checkpoint; a learner restarted after a failure continues from the last one. null: no "
+        "checkpoints, a restarted learner starts again from step 0"
+    )
 
 
 class VLLMSpec(Strict):
@@ -160,6 +165,10 @@ class ResourcesSpec(Strict):
     cpus_per_learner: float = Field(0.5, gt=0)
     gpus_per_learner: float = Field(0.0, ge=0)
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as fit")
+    max_failures: int = Field(
+        1, ge=0, description="restarts of a trial's learners after a worker dies (Ray Train's FailureConfig), "
+        "from training.checkpoint_every's last checkpoint"
+    )
 
 
 # MLflow's tracking stores: a local path, file:, a database (SQLAlchemy URIs, with an

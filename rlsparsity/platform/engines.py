@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from rlsparsity.platform.weight_sync import SparsePatch, apply_patch, bf16_bits
+from rlsparsity.platform.weight_sync import SparsePatch, apply_patch, bf16_bits, full_patch
 
 
 class RolloutEngine(Protocol):
@@ -35,6 +35,11 @@ class Rollout(Protocol):
     ) -> list[list[list[int]]]: ...
 
     def sync(self, patch: SparsePatch, version: int) -> None: ...
+
+    def reset(self, version: int) -> None:
+        """Make every engine hold the learner's current weights, those of step `version`,
+        sending them in full where an engine holds others (a learner restarted mid-trial)."""
+        ...
 
 
 def replica_seed(seed: int, replica: int) -> int:
@@ -95,8 +100,9 @@ class LocalRollout:
     same samples whichever runs it.
     """
 
-    def __init__(self, engine: RolloutEngine) -> None:
+    def __init__(self, engine: RolloutEngine, named_params: list[tuple[str, torch.Tensor]] | None = None) -> None:
         self.engine = engine
+        self.named = named_params  # the learner's masters, for `reset`
         self.version = 0
         self.restarts = 0
 
@@ -106,3 +112,10 @@ class LocalRollout:
     def sync(self, patch: SparsePatch, version: int) -> None:
         self.engine.apply_patch(patch)
         self.version = version
+
+    def reset(self, version: int) -> None:
+        if version != self.version:  # the engine starts at θ0, version 0
+            if self.named is None:
+                raise ValueError(f"LocalRollout.reset to step {version} needs the learner's named parameters")
+            self.engine.apply_patch(full_patch(self.named))
+            self.version = version

@@ -47,6 +47,7 @@ from rlsparsity.platform.evaluation import (
     preference_accuracy,
     served_accuracy,
 )
+from rlsparsity.platform.learner_state import LearnerParts, load_state, save_state
 from rlsparsity.platform.mask_recorder import MaskRecorder
 from rlsparsity.platform.models import load_model, load_tokenizer
 from rlsparsity.platform.models.saving import save_bf16_model, write_manifest
@@ -171,7 +172,9 @@ class Learner:
         self.step_done = 0
 
     # ----------------------------------------------------------------------------- setup
-    def setup(self) -> None:
+    def setup(self, resume_from: str | Path | None = None) -> None:
+        """Build the models, optimizers and engines at θ0, then either measure θ0 (a fresh
+        start) or load a `save_state` folder and continue after its step."""
         spec, t = self.spec, self.spec.training
         torch.set_num_threads(self.threads)
         torch.manual_seed(spec.seed)
@@ -196,6 +199,7 @@ class Learner:
             masks = build_mask(t.subnetwork, self.named, mask_path=self.subnetwork_mask, base=self.base, tied=tied_groups(policy))
             self.subnet = SubnetworkMask(self.named, masks)
         self.rollout = self.make_rollout(self.named)
+        self.aux_modules = {k: a.module for k, a in aux.items()}
         self.models = Models(self.wrap(policy), reference, {k: self.wrap(a.module) for k, a in aux.items()})
         # The policy's optimizer first, then each side model's own.
         # A subnetwork's weight decay is applied at its entries only, outside the optimizer.
@@ -212,11 +216,39 @@ class Learner:
             self.sync_state = Bf16SyncState(self.named)
             self.recorder = MaskRecorder(self.named, base=self.base, tied=tied_groups(policy))
             self.test = formatted(self.task.problems("test", t.eval_problems, seed=10_000), spec, self.task, self.tok)
+        if resume_from is not None:
+            self._restore(Path(resume_from))
+        # The engines may hold other weights: a restarted learner's actors kept training's.
+        self.rollout.reset(self.step_done)
+        if self.leader and resume_from is None:
             self.before = self.evaluate()
             self.pref_pairs = held_out_pairs(self.rollout, self.tok, self.test, t.max_new_tokens, REWARDS[t.reward])
             self.before["test_preference_accuracy"] = preference_accuracy(policy, self.tok, self.pref_pairs)
             self.before["test_preference_pairs"] = len(self.pref_pairs)
             self._log({f"{k}_before": v for k, v in self.before.items()}, step=0)
+
+    def _state_parts(self) -> LearnerParts:
+        modules = {"policy": self.named, **{f"aux.{k}": list(m.named_parameters()) for k, m in self.aux_modules.items()}}
+        return LearnerParts(modules, [o.optimizer for o in self.optimized], [o.schedule for o in self.optimized],
+                            {"shuffle": self.shuffle})
+
+    def save_state(self, directory: str | Path) -> None:
+        """Rank 0: everything a restarted learner needs to continue after `step_done`."""
+        extra = {
+            "curves": self.curves, "sync_bytes": self.sync_bytes, "dense_bytes": self.dense_bytes,
+            "before": self.before, "pref_pairs": self.pref_pairs,
+        }
+        save_state(Path(directory), self._state_parts(), step=self.step_done, label=self.spec.label, extra=extra)
+
+    def _restore(self, directory: Path) -> None:
+        step, extra = load_state(directory, self._state_parts(), label=self.spec.label, steps=self.spec.training.steps)
+        self.step_done = step
+        if self.leader:
+            self.curves, self.before = extra["curves"], extra["before"]
+            self.sync_bytes, self.dense_bytes = extra["sync_bytes"], extra["dense_bytes"]
+            self.pref_pairs = [tuple(pair) for pair in extra["pref_pairs"]]
+            self.sync_state = Bf16SyncState(self.named)  # what the engines get in full next
+            self._log({"resumed_from_step": float(step)}, step=step)
 
     def evaluate(self) -> dict[str, float]:
         t = self.spec.training
@@ -352,12 +384,18 @@ class Learner:
             return float(sum(f.stat().st_size for f in files))
 
 
-def run_learner(learner: Learner, *, after_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+def run_learner(
+    learner: Learner,
+    *,
+    after_step: Callable[[int, dict[str, float]], None] | None = None,
+    resume_from: str | Path | None = None,
+) -> dict[str, float]:
     """The whole recipe: setup, every step, finish. `after_step(step, metrics)` runs on
-    every rank after each step (Ray Train's barrier and progress reports)."""
-    learner.setup()
+    every rank after each step (Ray Train's barrier, progress reports and checkpoints);
+    `resume_from` is a `Learner.save_state` folder to continue from."""
+    learner.setup(resume_from)
     metrics: dict[str, float] = {}
-    for step in range(1, learner.spec.training.steps + 1):
+    for step in range(learner.step_done + 1, learner.spec.training.steps + 1):
         metrics = learner.step(step)
         if after_step is not None:
             after_step(step, metrics)

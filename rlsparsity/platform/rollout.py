@@ -92,6 +92,12 @@ class RolloutPool:
             self.version = version  # the master weights are already at `version`
             self.resync()
 
+    def reset(self, version: int) -> None:
+        self.version = version
+        restarts = self.restarts
+        self.resync()
+        self.restarts = restarts  # the learner restarted, not the engines
+
     def resync(self) -> None:
         """Full weights to every actor that restarted (waits for Ray to bring it back)."""
         deadline = time.monotonic() + RESTART_TIMEOUT_S

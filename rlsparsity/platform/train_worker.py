@@ -24,7 +24,7 @@ REPORT_EVERY = 10  # steps between progress reports to Ray Train / Tune
 
 def train_loop(cfg: dict[str, Any]) -> None:
     """cfg: spec (TrialSpec), plugins and plugin_paths, model_path, base (id/hash), run_id,
-    tracking_uri, rollout_actors, threads, subnetwork_mask (a local file or None)."""
+    tracking_uri, spool (`Tracker`'s folder for what an unreachable server did not take), rollout_actors, threads, subnetwork_mask (a local file or None)."""
     spec = cfg["spec"]
     import_plugins(spec.plugins, cfg.get("plugin_paths", ()))
     # Ray Train logs every report at INFO; the per-step metrics already go to Tune and MLflow.
@@ -35,7 +35,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    sink = RunSink(Tracker(cfg["tracking_uri"], spec.tracking.artifact_location), cfg["run_id"]) if rank == 0 else None
+    sink = RunSink(Tracker(cfg["tracking_uri"], spec.tracking.artifact_location, cfg.get("spool")), cfg["run_id"]) if rank == 0 else None
     learner = Learner(
         spec, cfg["model_path"], base=cfg["base"], target={"run_id": cfg["run_id"]},
         rollout=lambda named: RolloutPool(cfg["rollout_actors"], named), sink=sink,
@@ -44,15 +44,33 @@ def train_loop(cfg: dict[str, Any]) -> None:
         subnetwork_mask=cfg.get("subnetwork_mask"),
     )
 
+    every = spec.training.checkpoint_every
+
     def after_step(step: int, metrics: dict[str, float]) -> None:
         if world > 1:
             dist.barrier()  # nobody samples from the engines before rank 0 has synced them
+        if step == spec.training.steps:
+            return  # the final report follows, with the summary
+        if every is not None and step % every == 0:
+            # Rank 0 writes the learner's state; Ray Train persists it to the run's storage
+            # and hands it to the workers it restarts after a failure (FailureConfig).
+            with tempfile.TemporaryDirectory(prefix="rlsparsity-state-") as tmp:
+                if rank == 0:
+                    learner.save_state(tmp)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+                ray.train.report(_reportable(step, metrics), checkpoint=checkpoint)
         # A report waits for Ray Train's controller to collect the previous one (about 2 s
         # here), so per-step reports would dominate a fast step; MLflow gets every step.
-        if step % REPORT_EVERY == 0 and step != spec.training.steps:
+        elif step % REPORT_EVERY == 0:
             ray.train.report(_reportable(step, metrics))
 
-    final = _reportable(spec.training.steps, run_learner(learner, after_step=after_step))
+    restored = ray.train.get_checkpoint()  # set when Ray Train restarted this worker group
+    if restored is None:
+        summary = run_learner(learner, after_step=after_step)
+    else:
+        with restored.as_directory() as state_dir:
+            summary = run_learner(learner, after_step=after_step, resume_from=state_dir)
+    final = _reportable(spec.training.steps, summary)
     # The last report carries the summary. Train V2's `Result.metrics` are those of the latest
     # checkpoint, so rank 0 attaches one (the summary as JSON) and the driver reads the result.
     with tempfile.TemporaryDirectory(prefix="rlsparsity-summary-") as tmp:

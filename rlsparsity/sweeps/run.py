@@ -35,7 +35,8 @@ from rlsparsity.platform.cluster import init_ray
 from rlsparsity.platform.models import load_tokenizer, model_content_hash, resolve_model
 from rlsparsity.platform.plugins import search_paths_of
 from rlsparsity.platform.subnetwork_source import SourceError, fetch_source_mask
-from rlsparsity.platform.tracking import Tracker, git_commit
+from rlsparsity.platform.tracking import Tracker, TrackingUnavailable, git_commit
+from rlsparsity.platform.tracking_spool import Spool
 from rlsparsity.sweeps.interrupt import Interrupted, interrupt_in, signals_interrupt
 from rlsparsity.sweeps.spec import SpecError, SweepSpec, apply_overrides
 from rlsparsity.sweeps.trial import COMPLETE_KEY, run_trial
@@ -86,6 +87,15 @@ class SweepResult:
     @property
     def ok(self) -> bool:
         return not self.failed
+
+
+class SweepTrackingLost(SweepFailed):
+    """The tracking server stopped answering and the sweep stopped. `spool` holds what it did
+    not take; `rlsparsity upload SPOOL` sends it once the server is back."""
+
+    def __init__(self, result: SweepResult, error: TrackingUnavailable) -> None:
+        self.result, self.error, self.spool = result, error, error.spool
+        RuntimeError.__init__(self, f"{error}\nthe sweep stopped; {error.spool.describe()}")
 
 
 def load_spec(spec: SweepSpec | Mapping[str, Any] | str | os.PathLike, overrides: Iterable[str] = ()) -> SweepSpec:
@@ -152,6 +162,8 @@ def sweep(
                   GRID_AXES_TAG: json.dumps(sorted(spec.axes)), SPEC_KEY_TAG: spec.fingerprint(),
                   **({PLUGINS_TAG: json.dumps(spec.plugins)} if spec.plugins else {})},
         )
+    # Shared by this machine's trial actors and learners: what a server gone down did not take.
+    spool = tracker.keep_unsent_in(storage.parent / "unsent" / sweep_run_id)
     ok = False
     interrupt: Interrupted | None = None
     result = SweepResult(spec.name, sweep_run_id, tracker.uri)
@@ -174,6 +186,7 @@ def sweep(
                 "storage_path": str(storage),
                 "subnetwork_masks": subnetwork_masks,
                 "resume": resume,
+                "spool": str(spool.root),
             })
             ok = result.ok
     except Exception as e:
@@ -184,8 +197,13 @@ def sweep(
         # Whatever stopped the sweep, no run of it stays RUNNING: Tune stops trial actors
         # without their clean-up, and a dead trial cannot end its own run.
         why = f"interrupted by {interrupt.signal_name}" if interrupt else "the sweep stopped before this trial ended"
-        _end_running(tracker, experiment_id, sweep_run_id, why)
+        try:
+            _end_running(tracker, experiment_id, sweep_run_id, why)
+        except TrackingUnavailable:  # `rlsparsity upload` ends them once the server is back
+            spool.keep_status(sweep_run_id, "", end_running_children=why)
         tracker.finish(sweep_run_id, ok, killed=interrupt is not None)
+    if spool.down():  # one message, naming the spool, rather than each trial's error
+        raise SweepTrackingLost(result, TrackingUnavailable(tracker.uri, spool))
     if interrupt is not None:
         finished = {r.data.tags.get(LABEL_TAG) for r in tracker.children(experiment_id, sweep_run_id, kind=KIND_TRIAL, status="FINISHED")}
         labels = [t.label for t in spec.trials()]
@@ -226,6 +244,7 @@ def _run_grid(spec: SweepSpec, tracker: Tracker, result: SweepResult, console: C
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=ctx["storage_path"],
+                stop=_StopWhenTrackingDown(tracker.spool),  # set by sweep()
                 verbose=1,
                 progress_reporter=tune.CLIReporter(
                     metric_columns={"step": "step", "reward": "reward", "loss": "loss", "sync_bytes": "sync B"},
@@ -247,6 +266,19 @@ def _run_grid(spec: SweepSpec, tracker: Tracker, result: SweepResult, console: C
         from rlsparsity.analysis.job import run_overlap_analysis
 
         result.overlap = run_overlap_analysis(tracker.uri, spec.name, sweep_run_id=result.sweep_run_id, console=console)
+
+
+class _StopWhenTrackingDown(tune.Stopper):
+    """Start no more trials, and stop the running ones, once the tracking server is down."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.spool.down()
 
 
 def _resumable_run(tracker: Tracker, spec: SweepSpec, parent_run_id: str | None) -> str:

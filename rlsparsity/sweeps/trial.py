@@ -12,7 +12,7 @@ from typing import Any
 
 import ray
 import ray.tune
-from ray.train import RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -74,7 +74,7 @@ def run_trial(point: dict[str, Any], label: str, ctx: dict[str, Any]) -> None:
     with the error in its `rlsparsity.error` tag, and is raised to Tune."""
     from rlsparsity.sweeps.spec import SweepSpec, flatten
 
-    tracker = Tracker(ctx["tracking_uri"], ctx["artifact_location"])
+    tracker = Tracker(ctx["tracking_uri"], ctx["artifact_location"], spool=ctx.get("spool"))
     done = []
     if ctx.get("resume"):  # only a resumed sweep can hold this trial's finished run already
         done = tracker.children(ctx["experiment_id"], ctx["sweep_run_id"], kind=KIND_TRIAL, status="FINISHED")
@@ -130,6 +130,7 @@ def run_trial(point: dict[str, Any], label: str, ctx: dict[str, Any]) -> None:
                 "base": ctx["base"],
                 "run_id": run_id,
                 "tracking_uri": tracker.uri,
+                "spool": ctx.get("spool"),
                 "rollout_actors": actors,
                 "threads": max(1, int(res.cpus_per_learner)),
                 "subnetwork_mask": ctx.get("subnetwork_masks", {}).get(spec.label, (None,))[0],
@@ -140,9 +141,15 @@ def run_trial(point: dict[str, Any], label: str, ctx: dict[str, Any]) -> None:
                 resources_per_worker={"CPU": res.cpus_per_learner, "GPU": res.gpus_per_learner},
             ),
             run_config=RunConfig(
-                name=f"{ctx['sweep_run_id'][:8]}-{spec.label.replace('/', '-')}",
+                # Per MLflow run: Train V2 restores a run of the same name from its last
+                # checkpoint, which must not continue into another MLflow run (a resumed
+                # sweep's new run of this trial starts from step 0).
+                name=f"{ctx['sweep_run_id'][:8]}-{spec.label.replace('/', '-')}-{run_id[:8]}",
                 storage_path=str(Path(ctx["storage_path"]).resolve()),
                 callbacks=[TuneReportCallback()],
+                failure_config=FailureConfig(max_failures=res.max_failures),
+                # The last learner state, and the one before in case the last is unreadable.
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
         )
         # The learner's last report is its summary.

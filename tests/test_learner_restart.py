@@ -1,0 +1,111 @@
+"""A trial's learner killed mid-run (SIGKILL of its Ray Train worker process) is restarted by
+Ray Train from its last checkpoint, into the same MLflow run, and the trial ends with masks
+bit-identical to an uninterrupted run's."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+import rlsparsity
+from rlsparsity.contracts.mask import read_mask
+
+STEPS, EVERY = 20, 4
+COMMON = ["seed=0", "dataset=add", "algorithm=grpo", f"training.steps={STEPS}", "training.prompts_per_step=4",
+          "training.eval_problems=16", f"training.masks.every={EVERY}", f"training.checkpoint_every={EVERY}",
+          "analysis=false"]
+
+
+def _train_workers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
+
+
+def _registered_steps(trial_storage: Path) -> list[int]:
+    snapshot = trial_storage / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):  # not written yet, or mid-write
+        return []
+    return [r["metrics"]["step"] for r in results if r["metrics"]["step"] < STEPS]
+
+
+def _loss_steps(client: MlflowClient, name: str) -> list[int]:
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], "tags.`rlsparsity.kind` = 'trial'") if exp else []
+    return [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] if runs else []
+
+
+def _masks(client: MlflowClient, run_id: str, dest: Path) -> dict[str, dict[str, np.ndarray]]:
+    local = Path(client.download_artifacts(run_id, "masks", str(dest)))
+    return {f.name: read_mask(f).to_dict() for f in sorted(local.iterdir())}
+
+
+@pytest.mark.slow
+def test_a_killed_learner_resumes_from_its_checkpoint_with_bit_identical_masks(
+    embedded_model_dir: Path, ray_session, tmp_path: Path, monkeypatch
+) -> None:
+    storage = tmp_path / "ray"
+    monkeypatch.setenv("RLSPARSITY_RAY_STORAGE", str(storage))
+    db = f"sqlite:///{tmp_path / 'restart.db'}"
+    client = MlflowClient(tracking_uri=db)
+
+    whole = rlsparsity.sweep("sweeps/quickstart.yaml", ["name=whole", f"tracking.uri={db}", *COMMON])
+    assert whole.ok, whole.failed
+
+    killed: list[tuple[int, int]] = []  # (pid, last logged step when killed)
+    done = threading.Event()
+    earlier = set(storage.glob("*-grpo-add-s0-*"))  # the uninterrupted trial's
+
+    def kill_after_the_first_checkpoint() -> None:
+        # Once Ray Train's controller has registered a learner checkpoint (a checkpoint that
+        # is uploaded but not yet registered is not one to restart from) and the learner has
+        # trained past it.
+        while not done.wait(0.1):
+            if not any(_registered_steps(d) for d in set(storage.glob("*-grpo-add-s0-*")) - earlier):
+                continue
+            steps = _loss_steps(client, "killed")
+            if steps and max(steps) > EVERY:
+                for proc in _train_workers():
+                    proc.kill()
+                    killed.append((proc.pid, max(steps)))
+                return
+
+    killer = threading.Thread(target=kill_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    try:
+        result = rlsparsity.sweep("sweeps/quickstart.yaml", ["name=killed", f"tracking.uri={db}", *COMMON])
+    finally:
+        done.set()
+        killer.join()
+    assert len(killed) == 1, f"expected to kill one learner worker mid-trial, killed {killed}"
+    (pid, at_step), = killed
+    assert at_step < STEPS, f"the learner was killed after its last step ({at_step})"
+    assert result.ok, result.failed
+    assert not any(p.pid == pid for p in _train_workers())
+
+    # One trial run, continued by the restarted learner: FINISHED, resumed from a checkpoint
+    # step at or before the kill, with every step's loss on record.
+    exp = client.get_experiment_by_name("killed")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`rlsparsity.kind` = 'trial'")
+    assert run.info.run_id == result.trials[0]["mlflow_run_id"] and run.info.status == "FINISHED"
+    (resumed,) = client.get_metric_history(run.info.run_id, "resumed_from_step")
+    assert resumed.value % EVERY == 0 and EVERY <= resumed.value <= at_step, (resumed.value, at_step)
+    assert set(_loss_steps(client, "killed")) == set(range(1, STEPS + 1))
+
+    # The masks and the final summary equal the uninterrupted run's, bit for bit.
+    want = _masks(client, whole.trials[0]["mlflow_run_id"], tmp_path / "whole")
+    got = _masks(client, run.info.run_id, tmp_path / "killed")
+    assert sorted(got) == sorted(want) == ["final.arrow", *(f"step_{s:06d}.arrow" for s in range(EVERY, STEPS, EVERY))]
+    for name in want:
+        for tensor in want[name]:
+            np.testing.assert_array_equal(got[name][tensor], want[name][tensor], err_msg=f"{name}: {tensor}")
+    whole_metrics = client.get_run(whole.trials[0]["mlflow_run_id"]).data.metrics
+    for key in ("final/changed_bf16", "test_accuracy_after", "train_reward_last", "sync_bytes_total"):
+        assert run.data.metrics[key] == whole_metrics[key], key
+    assert whole_metrics["final/changed_bf16"] > 0

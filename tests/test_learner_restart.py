@@ -1,6 +1,6 @@
 """A trial's learner killed mid-run (SIGKILL of its Ray Train worker process) is restarted by
 Ray Train from its last checkpoint, into the same MLflow run, and the trial ends with masks
-bit-identical to an uninterrupted run's."""
+bit-identical to an uninterrupted run's: the same trial's learner run without Ray."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from mlflow.tracking import MlflowClient
 
 import rlsparsity
 from rlsparsity.contracts.mask import read_mask
+from rlsparsity.platform.engines import HFEngine, LocalRollout
+from rlsparsity.platform.learner import Learner, LocalSink, run_learner
+from rlsparsity.sweeps.run import load_spec
 
 STEPS, EVERY = 20, 4
 COMMON = ["seed=0", "dataset=add", "algorithm=grpo", f"training.steps={STEPS}", "training.prompts_per_step=4",
@@ -55,19 +58,24 @@ def test_a_killed_learner_resumes_from_its_checkpoint_with_bit_identical_masks(
     db = f"sqlite:///{tmp_path / 'restart.db'}"
     client = MlflowClient(tracking_uri=db)
 
-    whole = rlsparsity.sweep("sweeps/quickstart.yaml", ["name=whole", f"tracking.uri={db}", *COMMON])
-    assert whole.ok, whole.failed
+    # The uninterrupted reference: the same trial's learner without Ray, on one in-process
+    # engine (LocalRollout folds the sampling seed as a one-replica pool does).
+    (spec,) = load_spec("sweeps/quickstart.yaml", ["name=whole", f"tracking.uri={db}", *COMMON]).trials()
+    engine = HFEngine(embedded_model_dir, threads=1)
+    sink = LocalSink(tmp_path / "whole")
+    whole = Learner(spec, embedded_model_dir, base={"id": "embedded", "hash": "h"}, target={"run_id": "local"},
+                    rollout=lambda named: LocalRollout(engine, named), sink=sink)
+    whole_metrics = run_learner(whole)
 
     killed: list[tuple[int, int]] = []  # (pid, last logged step when killed)
     done = threading.Event()
-    earlier = set(storage.glob("*-grpo-add-s0-*"))  # the uninterrupted trial's
 
     def kill_after_the_first_checkpoint() -> None:
         # Once Ray Train's controller has registered a learner checkpoint (a checkpoint that
         # is uploaded but not yet registered is not one to restart from) and the learner has
         # trained past it.
         while not done.wait(0.1):
-            if not any(_registered_steps(d) for d in set(storage.glob("*-grpo-add-s0-*")) - earlier):
+            if not any(_registered_steps(d) for d in storage.glob("*-grpo-add-s0-*")):
                 continue
             steps = _loss_steps(client, "killed")
             if steps and max(steps) > EVERY:
@@ -96,16 +104,16 @@ def test_a_killed_learner_resumes_from_its_checkpoint_with_bit_identical_masks(
     assert run.info.run_id == result.trials[0]["mlflow_run_id"] and run.info.status == "FINISHED"
     (resumed,) = client.get_metric_history(run.info.run_id, "resumed_from_step")
     assert resumed.value % EVERY == 0 and EVERY <= resumed.value <= at_step, (resumed.value, at_step)
+    print(f"learner killed after step {at_step}, resumed from step {resumed.value:.0f}")
     assert set(_loss_steps(client, "killed")) == set(range(1, STEPS + 1))
 
     # The masks and the final summary equal the uninterrupted run's, bit for bit.
-    want = _masks(client, whole.trials[0]["mlflow_run_id"], tmp_path / "whole")
+    want = {f.name: read_mask(f).to_dict() for f in sorted((tmp_path / "whole" / "masks").iterdir())}
     got = _masks(client, run.info.run_id, tmp_path / "killed")
     assert sorted(got) == sorted(want) == ["final.arrow", *(f"step_{s:06d}.arrow" for s in range(EVERY, STEPS, EVERY))]
     for name in want:
         for tensor in want[name]:
             np.testing.assert_array_equal(got[name][tensor], want[name][tensor], err_msg=f"{name}: {tensor}")
-    whole_metrics = client.get_run(whole.trials[0]["mlflow_run_id"]).data.metrics
     for key in ("final/changed_bf16", "test_accuracy_after", "train_reward_last", "sync_bytes_total"):
         assert run.data.metrics[key] == whole_metrics[key], key
     assert whole_metrics["final/changed_bf16"] > 0

@@ -27,7 +27,7 @@ trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from rlsparsity.platform.algorithms import Models, StepBatch  # noqa: E402
+from rlsparsity.platform.algorithms import Models, StepBatch, common  # noqa: E402
 from rlsparsity.platform.algorithms import policy_gradient as pg  # noqa: E402
 from rlsparsity.platform.batches import build_batch  # noqa: E402
 from rlsparsity.platform.config import TrainingSpec  # noqa: E402
@@ -171,7 +171,7 @@ def test_grpo_loss_and_gradients_match_trl(tmp_path, model_dir, tok, loss_type, 
     # Off-policy: the behaviour log-probs are the current ones shifted by noise, so the ratio
     # leaves [1−ε, 1+ε_high] on both sides for some tokens (and both clip branches are used).
     with torch.no_grad():
-        current = pg._logprobs_no_grad(models.policy, tokens)
+        current = common.logprobs_no_grad(models.policy, tokens)
     noise = 0.4 * torch.randn(current.shape, generator=torch.Generator().manual_seed(2))
     old = current + noise
     p_len = tokens.input_ids.shape[1] - inputs["completion_ids"].shape[1]

@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlsparsity.platform.algorithms import Models, StepBatch, get_algorithm
+from rlsparsity.platform.algorithms import Models, StepBatch, common, get_algorithm
 from rlsparsity.platform.algorithms import policy_gradient as pg
+from rlsparsity.platform.algorithms import ppo_prime as pp
 from rlsparsity.platform.algorithms.supervised import RAFTConfig, RAFTPlusPlusConfig
 from rlsparsity.platform.batches import build_batch, token_logprobs
 from rlsparsity.platform.config import TrainingSpec
@@ -65,7 +66,7 @@ def test_gae_matches_a_direct_loop_on_variable_lengths(gamma, lam):
     g = torch.Generator().manual_seed(0)
     rewards = torch.randn(mask.shape, generator=g) * mask
     values = torch.randn(mask.shape, generator=g)  # garbage off-mask must not leak in
-    adv, ret = pg.gae(rewards, values, mask, gamma, lam)
+    adv, ret = pp.gae(rewards, values, mask, gamma, lam)
     for b in range(3):
         idx = mask[b].nonzero().squeeze(1).tolist()
         want_adv, want_ret = gae_loop(rewards[b, idx].tolist(), values[b, idx].tolist(), gamma, lam)
@@ -79,7 +80,7 @@ def test_ppo_token_rewards_put_the_outcome_on_the_last_token_minus_kl():
     batch = build_batch([[1], [1, 2]], [[3, 3, 3], [3]], pad_id=0)
     mask = batch.completion_mask  # row 0: positions 0..2, row 1: position 1
     kl = torch.full(mask.shape, 0.5)
-    r = pg.token_rewards(torch.tensor([1.0, 2.0]), mask, kl, kl_coef=0.1)
+    r = pp.token_rewards(torch.tensor([1.0, 2.0]), mask, kl, kl_coef=0.1)
     torch.testing.assert_close(r, torch.tensor([[-0.05, -0.05, 0.95], [0.0, 1.95, 0.0]]))
 
 
@@ -92,7 +93,7 @@ def test_clipped_surrogate_inside_at_and_beyond_the_range(adv):
     # inside, just inside and just beyond each bound, far beyond each bound
     ratios = torch.tensor([1.0, 1.19, 1.21, 1.5, 0.81, 0.79, 0.5])
     logp = torch.log(ratios).requires_grad_(True)
-    loss, ratio, clipped = pg.clipped_surrogate(logp, torch.zeros(7), torch.tensor(adv), eps, eps)
+    loss, ratio, clipped = common.clipped_surrogate(logp, torch.zeros(7), torch.tensor(adv), eps, eps)
     # −min(ρA, clip(ρ)A): with A > 0 the clip binds above 1+ε, with A < 0 below 1−ε.
     want = [-min(r * adv, min(max(r, 1 - eps), 1 + eps) * adv) for r in ratios.tolist()]
     torch.testing.assert_close(loss, torch.tensor(want))
@@ -103,12 +104,12 @@ def test_clipped_surrogate_inside_at_and_beyond_the_range(adv):
     torch.testing.assert_close(logp.grad, torch.tensor(want_grad))
     assert clipped.tolist() == [not a for a in active]
     # at the bound itself both branches give the same value: the objective is continuous
-    at, _, _ = pg.clipped_surrogate(torch.log(torch.tensor([1.2, 0.8])), torch.zeros(2), torch.tensor(adv), eps, eps)
+    at, _, _ = common.clipped_surrogate(torch.log(torch.tensor([1.2, 0.8])), torch.zeros(2), torch.tensor(adv), eps, eps)
     torch.testing.assert_close(at, torch.tensor([-1.2 * adv, -0.8 * adv]))
 
 
 def test_clipped_surrogate_clip_higher_uses_separate_bounds():
-    loss, _, clipped = pg.clipped_surrogate(torch.log(torch.tensor([1.25, 0.75])), torch.zeros(2),
+    loss, _, clipped = common.clipped_surrogate(torch.log(torch.tensor([1.25, 0.75])), torch.zeros(2),
                                             torch.tensor([1.0, -1.0]), 0.2, 0.28)
     torch.testing.assert_close(loss, torch.tensor([-1.25, 0.8]))  # 1.25 < 1.28 unclipped; 0.75 → 0.8
     assert clipped.tolist() == [False, True]
@@ -119,7 +120,7 @@ def test_value_loss_clips_around_the_rollout_values():
     old = torch.tensor([[0.0, 0.0, 0.0]])
     ret = torch.tensor([[1.0, 1.0, -1.0]])
     new = torch.tensor([[0.5, 0.1, 0.5]], requires_grad=True)
-    loss = pg.value_loss(new, old, ret, mask, clip=0.2)
+    loss = pp.value_loss(new, old, ret, mask, clip=0.2)
     # per token max((v−R)², (clip(v)−R)²): (0.25, 0.64)→0.64; (0.81, 0.81)→0.81; (2.25, 1.44)→2.25
     assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81 + 2.25) / 3)
     loss.backward()
@@ -129,7 +130,7 @@ def test_value_loss_clips_around_the_rollout_values():
 
 def test_ppo_step_trains_policy_and_a_separate_zero_initialised_critic():
     policy = tiny_llama()
-    cfg = pg.PPOConfig(critic=pg.CriticConfig(lr=1e-5), epochs=2)
+    cfg = pp.PPOConfig(critic=pp.CriticConfig(lr=1e-5), epochs=2)
     aux = get_algorithm("ppo").aux(policy, cfg, TrainingSpec())
     critic = aux["critic"].module
     assert aux["critic"].lr == 1e-5
@@ -137,11 +138,11 @@ def test_ppo_step_trains_policy_and_a_separate_zero_initialised_critic():
     batch = StepBatch(build_batch([[1, 2], [1, 3]], [[4, 5, 2], [6]], pad_id=0), rewards=torch.tensor([1.0, 0.0]))
     models = Models(policy, aux={"critic": critic})
     with torch.no_grad():
-        prepared = pg.ppo_prepare(models, batch, cfg, TrainingSpec())
+        prepared = pp.ppo_prepare(models, batch, cfg, TrainingSpec())
     assert (prepared.extras["values"] == 0).all()  # fresh head: V ≡ 0
     mask = batch.tokens.completion_mask
-    want_adv, _ = pg.gae(pg.token_rewards(batch.rewards, mask), torch.zeros_like(mask), mask, 1.0, 0.95)
-    torch.testing.assert_close(prepared.extras["advantages"], pg.masked_whiten(want_adv, mask))
+    want_adv, _ = pp.gae(pp.token_rewards(batch.rewards, mask), torch.zeros_like(mask), mask, 1.0, 0.95)
+    torch.testing.assert_close(prepared.extras["advantages"], common.masked_whiten(want_adv, mask))
     loss, m = get_algorithm("ppo").loss(models, prepared, cfg, TrainingSpec())
     loss.backward()
     assert critic.head.weight.grad.abs().sum() > 0
@@ -246,9 +247,9 @@ def test_prime_token_rewards_are_beta_log_ratio_of_prm_to_reference():
     prm = Unigram(torch.tensor([0.3, -0.2, 0.5, 0.1, -0.4]))
     tokens = build_batch([[0, 1], [0, 1], [0, 1], [0, 1]], [[2, 3], [4], [3, 3, 2], [1]], pad_id=0)
     sb = StepBatch(tokens, rewards=torch.tensor([1.0, 0.0, 0.0, 1.0]), group_size=2)
-    cfg = pg.PRIMEConfig(prm=pg.PRMConfig(beta=0.05))
+    cfg = pp.PRIMEConfig(prm=pp.PRMConfig(beta=0.05))
     with torch.no_grad():
-        out = pg.prime_prepare(Models(policy, ref, {"prm": prm}), sb, cfg, TrainingSpec())
+        out = pp.prime_prepare(Models(policy, ref, {"prm": prm}), sb, cfg, TrainingSpec())
     log_ratio = prm.logp() - torch.log(torch.full((V,), 1 / V))
     want = torch.zeros_like(tokens.completion_mask)
     targets = tokens.input_ids[:, 1:]
@@ -260,14 +261,14 @@ def test_prime_token_rewards_are_beta_log_ratio_of_prm_to_reference():
 def test_prime_leave_one_out_on_dense_and_outcome_rewards_by_hand():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     r = torch.tensor([[0.2, 0.4, 0.0], [0.3, 0.0, 0.6]]) * mask
-    adv = pg.leave_one_out_token_advantages(r, mask, group_size=2)
+    adv = pp.leave_one_out_token_advantages(r, mask, group_size=2)
     # baselines: row 0 ← mean of row 1 = 0.3; row 1 ← mean of row 0 = 0.3
     torch.testing.assert_close(adv, torch.tensor([[-0.1, 0.1, 0.0], [0.0, -0.3, 0.3]]))
 
 
 def test_prime_step_trains_the_prm_with_outcome_cross_entropy():
     policy = tiny_llama(0)
-    cfg = pg.PRIMEConfig(whiten_advantages=False)
+    cfg = pp.PRIMEConfig(whiten_advantages=False)
     prm = get_algorithm("prime").aux(policy, cfg, TrainingSpec())["prm"].module
     ref = tiny_llama(1).requires_grad_(False)  # a θ0 other than the PRM, so the scores are not 0
     tokens = build_batch([[1, 2], [1, 2]], [[4, 5, 2], [6, 2]], pad_id=0)

@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from rlsparsity.analysis.mlflow_runs import search_all_runs
 from rlsparsity.analysis.overlap import (
     DEFAULT_FACTORS,
     OverlapError,
@@ -59,25 +60,6 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")).expanduser()
 
 
-def _search_all(
-    client: Any, exp_id: str, filter_string: str, order_by: list[str] | None = None
-) -> list[Any]:
-    runs: list[Any] = []
-    token = None
-    while True:
-        page = client.search_runs(
-            [exp_id],
-            filter_string=filter_string,
-            max_results=1000,
-            order_by=order_by,
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def find_sweep_and_trials(
     client: Any, experiment: str, sweep_run_id: str | None = None
 ) -> tuple[Any, Any, list[Any]]:
@@ -102,7 +84,7 @@ def find_sweep_and_trials(
         if not found:
             raise OverlapError(f"experiment {experiment!r} has no sweep run (tag {KIND_TAG}={KIND_SWEEP})")
         sweep = found[0]
-    trials = _search_all(
+    trials = search_all_runs(
         client,
         exp.experiment_id,
         # KILLED runs are interrupted attempts; a resumed sweep ran those trials again.

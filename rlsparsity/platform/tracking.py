@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from rlsparsity.analysis.mlflow_runs import search_all_runs
 from rlsparsity.contracts.mlflow_layout import ERROR_TAG, KIND_TAG
 from rlsparsity.platform.tracking_spool import ARTIFACTS, BATCHES, STATUS, Spool
 
@@ -185,8 +186,11 @@ class Tracker:
         self._send(lambda: self.client.set_terminated(run_id, status), lambda sp: sp.keep_status(run_id, status), fatal=False)
 
     def reopen(self, run_id: str) -> None:
-        """A resumed run is RUNNING again (MLflow keeps its params, metrics and artifacts)."""
+        """A resumed run is RUNNING again (MLflow keeps its params, metrics and artifacts),
+        without the error tag its interruption left."""
         self._send(lambda: self.client.update_run(run_id, status="RUNNING"))
+        if ERROR_TAG in self._send(lambda: self.client.get_run(run_id)).data.tags:
+            self._send(lambda: self.client.delete_tag(run_id, ERROR_TAG))
 
     def children(self, experiment_id: str, parent_id: str, *, kind: str | None = None,
                  status: str | None = None) -> list[Any]:
@@ -196,15 +200,8 @@ class Tracker:
             where.append(f"tags.`{KIND_TAG}` = '{kind}'")
         if status:
             where.append(f"attributes.status = '{status}'")
-        runs, token = [], None
-        while True:
-            page = self._send(lambda t=token: self.client.search_runs(
-                [experiment_id], " and ".join(where), max_results=1000,
-                order_by=["attributes.start_time ASC"], page_token=t))
-            runs += page
-            if not (token := page.token):
-                return runs
-
+        return self._send(lambda: search_all_runs(self.client, experiment_id, " and ".join(where),
+                                                  order_by=["attributes.start_time ASC"]))
 
 
 class RunSink:

@@ -28,7 +28,6 @@ from rlsparsity.contracts.mlflow_layout import (
     KIND_TAG,
     KIND_TRIAL,
     LABEL_TAG,
-    PARENT_TAG,
     STAGE_KEY_TAG,
     STAGE_TAG,
     SUMMARY_METRICS,
@@ -121,9 +120,7 @@ def _finished_stage(tracker: Tracker, experiment: str, experiment_id: str, key: 
         return None
     sweep_run = runs[0]
     result = SweepResult(experiment, sweep_run.info.run_id, tracker.uri)
-    for run in tracker.client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{sweep_run.info.run_id}' and tags.`{KIND_TAG}` = '{KIND_TRIAL}'"
-    ):
+    for run in tracker.children(experiment_id, sweep_run.info.run_id, kind=KIND_TRIAL):
         tags, metrics = run.data.tags, run.data.metrics
         result.trials.append({
             "label": tags[LABEL_TAG], "seed": int(tags["seed"]), "dataset": tags["dataset"], "algorithm": tags["algorithm"],

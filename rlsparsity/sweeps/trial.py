@@ -7,6 +7,7 @@ actors, runs a Ray Train `TorchTrainer` whose workers run the `Learner`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from rlsparsity.contracts.mlflow_layout import (
     SUBNETWORK_TAG,
     SUMMARY_METRICS,
 )
+from rlsparsity.platform.learner_state import STATE_JSON
 from rlsparsity.platform.plugins import import_plugins
 from rlsparsity.platform.rollout import RolloutActor
 from rlsparsity.platform.tracking import Tracker
@@ -75,10 +77,13 @@ def run_trial(point: dict[str, Any], label: str, ctx: dict[str, Any]) -> None:
     from rlsparsity.sweeps.spec import SweepSpec, flatten
 
     tracker = Tracker(ctx["tracking_uri"], ctx["artifact_location"], spool=ctx.get("spool"))
-    done = []
-    if ctx.get("resume"):  # only a resumed sweep can hold this trial's finished run already
-        done = tracker.children(ctx["experiment_id"], ctx["sweep_run_id"], kind=KIND_TRIAL, status="FINISHED")
-        done = [r for r in done if r.data.tags.get(LABEL_TAG) == label]
+    earlier = []
+    if ctx.get("resume"):  # only a resumed sweep can hold runs of this trial already
+        earlier = [r for r in tracker.children(ctx["experiment_id"], ctx["sweep_run_id"], kind=KIND_TRIAL)
+                   if r.data.tags.get(LABEL_TAG) == label]
+    done = [r for r in earlier if r.info.status == "FINISHED"]
+    # A run the interrupted sweep stopped whose learner left a checkpoint is continued from it.
+    stopped = [r for r in earlier if r.info.status == "KILLED" and _has_learner_state(ctx, label, r.info.run_id)]
     if done:
         # A resumed sweep whose driver died after this trial finished but before Tune saved
         # that: the finished run is the result, and the trial does not run twice.
@@ -95,13 +100,17 @@ def run_trial(point: dict[str, Any], label: str, ctx: dict[str, Any]) -> None:
         run_id = tracker.start_run(ctx["experiment_id"], label, kind=KIND_TRIAL, parent=ctx["sweep_run_id"], tags={LABEL_TAG: label})
         _fail(tracker, run_id, e)
         raise
-    run_id = tracker.start_run(
-        ctx["experiment_id"], spec.label, kind=KIND_TRIAL, parent=ctx["sweep_run_id"], tags=trial_tags(spec, ctx)
-    )
-    # The trial's own algorithm config, resolved with its defaults; not the other algorithms'.
-    params = spec.model_dump(exclude={"algorithm_config"})
-    params["algorithm_config"] = {spec.algorithm: spec.algo_config.model_dump()}
-    tracker.log_params(run_id, flatten(params))
+    if stopped:
+        run_id = stopped[-1].info.run_id
+        tracker.reopen(run_id)  # Ray Train restores its learner's last checkpoint (train_name)
+    else:
+        run_id = tracker.start_run(
+            ctx["experiment_id"], spec.label, kind=KIND_TRIAL, parent=ctx["sweep_run_id"], tags=trial_tags(spec, ctx)
+        )
+        # The trial's own algorithm config, resolved with its defaults; not the other algorithms'.
+        params = spec.model_dump(exclude={"algorithm_config"})
+        params["algorithm_config"] = {spec.algorithm: spec.algo_config.model_dump()}
+        tracker.log_params(run_id, flatten(params))
     pg = None
     actors: list = []
     error: BaseException | None = None
@@ -141,10 +150,7 @@ def run_trial(point: dict[str, Any], label: str, ctx: dict[str, Any]) -> None:
                 resources_per_worker={"CPU": res.cpus_per_learner, "GPU": res.gpus_per_learner},
             ),
             run_config=RunConfig(
-                # Per MLflow run: Train V2 restores a run of the same name from its last
-                # checkpoint, which must not continue into another MLflow run (a resumed
-                # sweep's new run of this trial starts from step 0).
-                name=f"{ctx['sweep_run_id'][:8]}-{spec.label.replace('/', '-')}-{run_id[:8]}",
+                name=train_name(ctx, spec.label, run_id),
                 storage_path=str(Path(ctx["storage_path"]).resolve()),
                 callbacks=[TuneReportCallback()],
                 failure_config=FailureConfig(max_failures=res.max_failures),
@@ -173,6 +179,25 @@ def run_trial(point: dict[str, Any], label: str, ctx: dict[str, Any]) -> None:
     # trial's actor as soon as it holds a result (e.g. a stopper, or its reserved `done` key),
     # which raced the MLflow run's FINISHED status and the placement group's removal.
     ray.tune.report({COMPLETE_KEY: 1, "mlflow_run_id": run_id, **summary})
+
+
+def train_name(ctx: dict[str, Any], label: str, run_id: str) -> str:
+    """The trial's Ray Train run, one per MLflow run: Train V2 restores a run of the same name
+    from its last checkpoint, so a continued MLflow run continues its learner, and a new
+    MLflow run of the same trial starts from step 0."""
+    return f"{ctx['sweep_run_id'][:8]}-{label.replace('/', '-')}-{run_id[:8]}"
+
+
+def _has_learner_state(ctx: dict[str, Any], label: str, run_id: str) -> bool:
+    """Whether Ray Train registered a learner state for this MLflow run's learner (its latest
+    checkpoint, in its snapshot), on a local storage path. Anything else, e.g. the final
+    summary checkpoint or a remote store, reads as no: the trial then runs from step 0."""
+    run_dir = Path(ctx["storage_path"]) / train_name(ctx, label, run_id)
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return (run_dir / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] / STATE_JSON).is_file()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _fail(tracker: Tracker, run_id: str, error: BaseException) -> None:

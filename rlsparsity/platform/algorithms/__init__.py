@@ -1,6 +1,6 @@
 """Algorithms registered by name; importing this package registers the built-in ones."""
 
-from rlsparsity.platform.algorithms import policy_gradient, preference, supervised  # noqa: F401  (registers)
+from rlsparsity.platform.algorithms import policy_gradient, ppo_prime, preference, supervised  # noqa: F401  (registers)
 from rlsparsity.platform.algorithms.registry import (
     ALGORITHMS,
     Algorithm,

@@ -1,9 +1,9 @@
 """Shared fixtures.
 
 ``embedded_model_dir`` builds the embedded base model (θ0, "tiny-arith") once per test
-session into a session-private cache and points ``RLSPARSITY_CACHE`` there, so every
-test that needs a pretrained model (and every call to ``resolve_model("embedded")``)
-reuses that single build.
+session into a session-private cache (or ``$RLSPARSITY_TEST_CACHE``, kept across
+sessions) and points ``RLSPARSITY_CACHE`` there, so every test that needs a pretrained
+model (and every call to ``resolve_model("embedded")``) reuses that single build.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from services import free_port, start_mlflow_server, stop_process_group
 
 @pytest.fixture(scope="session")
 def embedded_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("rlsparsity-cache")
+    # RLSPARSITY_TEST_CACHE: a developer's cache kept across sessions (CI builds afresh).
+    keep = os.environ.get("RLSPARSITY_TEST_CACHE")
+    root = Path(keep) if keep else tmp_path_factory.mktemp("rlsparsity-cache")
     old = os.environ.get("RLSPARSITY_CACHE")
     os.environ["RLSPARSITY_CACHE"] = str(root)
     yield root

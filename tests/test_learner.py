@@ -45,7 +45,11 @@ def test_learner_runs_steps_without_ray(algorithm, embedded_model_dir, tmp_path)
     # The final mask equals a brute-force bf16 comparison against the checkpoint's bf16 view.
     theta0 = load_model(embedded_model_dir, dtype=torch.float32)
     mask = read_mask(tmp_path / "masks" / "final.arrow")
-    assert {p.name for p in (tmp_path / "masks").iterdir()} == {"step_000002.arrow", "final.arrow"}
+    assert {p.name for p in (tmp_path / "masks").glob("*.arrow")} == {"step_000002.arrow", "final.arrow"}
+    series = {"masters", "abs_1e-5", "rel_0.001", "since_prev", "ever"}
+    assert {p.name for p in (tmp_path / "masks").iterdir() if p.is_dir()} == series
+    for s in series:
+        assert {p.name for p in (tmp_path / "masks" / s).iterdir()} == {"step_000002.arrow", "final.arrow"}, s
     assert mask.meta["target"] == {"run_id": "local", "step": 3}
     bits = mask.to_dict()
     changed = 0

@@ -77,10 +77,14 @@ def test_a_learner_restarted_from_its_state_ends_bit_identical(algorithm, embedd
     for key in whole_summary.keys() - set(TIMINGS):
         assert _same(resumed_summary[key], whole_summary[key]), key
 
-    # Masks written after the restart equal the uninterrupted run's, bit for bit.
-    assert {p.name for p in (tmp_path / "resumed" / "masks").iterdir()} == {"step_000004.arrow", "final.arrow"}
-    for name in ("step_000004.arrow", "final.arrow"):
-        a, b = read_mask(tmp_path / "whole" / "masks" / name).to_dict(), read_mask(tmp_path / "resumed" / "masks" / name).to_dict()
+    # Masks written after the restart equal the uninterrupted run's, bit for bit: every
+    # criterion's, and the dynamics' (the ever-changed mask and the previous mask step's
+    # bf16 view come from the state).
+    files = sorted(str(p.relative_to(tmp_path / "resumed")) for p in (tmp_path / "resumed" / "masks").rglob("*.arrow"))
+    series = ("", "masters/", "abs_1e-5/", "rel_0.001/", "since_prev/", "ever/")
+    assert files == sorted(f"masks/{s}{n}" for s in series for n in ("step_000004.arrow", "final.arrow"))
+    for name in files:
+        a, b = read_mask(tmp_path / "whole" / name).to_dict(), read_mask(tmp_path / "resumed" / name).to_dict()
         assert a.keys() == b.keys()
         for tensor in a:
             np.testing.assert_array_equal(a[tensor], b[tensor], err_msg=f"{name}: {tensor}")

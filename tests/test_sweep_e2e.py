@@ -56,7 +56,7 @@ def test_sweep_logs_trials_masks_and_analysis_to_mlflow_server(embedded_model_di
         assert tags["git_commit"]
         assert params["training.steps"] == "4" and params["algorithm"] == tags["algorithm"]
         for key in ("test_accuracy_before", "test_accuracy_after", "final/sparsity_bf16",
-                    "final/master_changed_frac", "sync_bytes_total", "sync_dense_bytes_total"):
+                    "final/changed_frac_masters", "sync_bytes_total", "sync_dense_bytes_total"):
             assert key in metrics, key
         assert any(k.startswith("sparsity/layer.") for k in metrics)
         history = client.get_metric_history(r.info.run_id, "sync_bytes")
@@ -116,7 +116,7 @@ def test_two_ddp_learners_train_and_record_a_mask(embedded_model_dir, ray_sessio
     ])
     assert result.ok, result.failed
     (trial,) = result.trials
-    assert 0 < trial["final/master_changed_frac"] <= 1
+    assert 0 < trial["final/changed_frac_masters"] <= 1
     client = MlflowClient(tracking_uri=db)
     run = client.get_run(trial["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.params["resources.learners"] == "2"

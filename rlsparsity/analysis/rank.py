@@ -139,3 +139,25 @@ def update_rank(
         else:
             result.matrices.append(MatrixRank(out["name"], (shape[0], shape[1]), out["rank"], min(shape)))
     return result
+
+
+def final_update_rank(
+    base_bf16: dict[str, Any], named_params: Sequence[tuple[str, Any]], *, max_dim: int | None = DEFAULT_MAX_DIM
+) -> RankResult:
+    """The update rank of a training run's bf16 view against θ0's (torch tensors in memory),
+    by the same rule as `update_rank` on two checkpoints."""
+    import torch
+
+    result = RankResult(max_dim=max_dim)
+    for name, p in named_params:
+        reason = skip_reason(name, tuple(p.shape), max_dim)
+        if reason:
+            result.skipped.append({"name": name, "shape": list(p.shape), "reason": reason})
+            continue
+        try:
+            rank = delta_rank(base_bf16[name], p.detach().to(torch.bfloat16))
+        except (ValueError, RuntimeError) as e:
+            result.skipped.append({"name": name, "shape": list(p.shape), "reason": str(e)})
+            continue
+        result.matrices.append(MatrixRank(name, (p.shape[0], p.shape[1]), rank, min(p.shape)))
+    return result

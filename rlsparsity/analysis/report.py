@@ -130,7 +130,7 @@ def print_report(
         )
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on clusters and CI
@@ -141,7 +141,7 @@ def _pyplot() -> Any:
 
 def heatmap_png(result: OverlapResult, path: str | os.PathLike) -> Path:
     """Pairwise heatmaps: observed Jaccard, and Jaccard relative to its random baseline."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(result.labels)
     counts = result.counts.tolist()
     jac = np.full((n, n), np.nan)
@@ -187,7 +187,7 @@ def heatmap_png(result: OverlapResult, path: str | os.PathLike) -> Path:
 
 def layers_png(result: OverlapResult, path: str | os.PathLike) -> Path:
     """Per-layer and per-matrix-type overlap (mean Jaccard over pairs) against chance."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(14, 5), constrained_layout=True)
     for ax, level in zip(axes, ("layer", "matrix"), strict=True):
         rows = result.group_means(level)

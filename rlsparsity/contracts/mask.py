@@ -124,24 +124,30 @@ class MaskWriter:
 
     def add(self, name: str, shape: tuple[int, ...] | list[int], mask: np.ndarray) -> int:
         """Add one tensor's boolean mask (any shape, flattened row-major). Returns its changed count."""
+        flat = np.ascontiguousarray(mask, dtype=bool).reshape(-1)
+        if flat.size != math.prod(shape):
+            raise MaskError(f"{self.path}: tensor {name!r} has shape {list(shape)} ({math.prod(shape)} elements) but its mask has {flat.size}")
+        return self.add_bits(name, shape, np.packbits(flat, bitorder="little"))
+
+    def add_bits(self, name: str, shape: tuple[int, ...] | list[int], bits: np.ndarray) -> int:
+        """Add one tensor's mask already packed LSB first (``ceil(numel / 8)`` bytes, padding
+        bits 0), as `criteria.compare(..., packed=True)` returns it. Returns its changed count."""
         if name in self._names:
             raise MaskError(f"{self.path}: tensor {name!r} added twice")
-        flat = np.ascontiguousarray(mask, dtype=bool).reshape(-1)
         numel = math.prod(shape)
-        if flat.size != numel:
-            raise MaskError(f"{self.path}: tensor {name!r} has shape {list(shape)} ({numel} elements) but its mask has {flat.size}")
+        packed = np.ascontiguousarray(bits, dtype=np.uint8).reshape(-1)
+        if packed.size != (numel + 7) // 8:
+            raise MaskError(f"{self.path}: tensor {name!r} has {numel} elements, so {(numel + 7) // 8} bytes of bits, got {packed.size}")
         self._names.add(name)
         cols: dict[str, list] = {k: [] for k in SCHEMA.names}
         changed_total = 0
         for chunk, offset in enumerate(range(0, max(numel, 1), CHUNK_ELEMS)):
-            part = flat[offset : offset + CHUNK_ELEMS]
-            bits = pack(part)
-            changed = int(np.count_nonzero(part))
-            for key, value in zip(
-                SCHEMA.names, (name, list(shape), chunk, offset, part.size, bits, changed), strict=True
-            ):
+            length = min(CHUNK_ELEMS, numel - offset)  # CHUNK_ELEMS is a multiple of 8: rows start on whole bytes
+            row = packed[offset // 8 : offset // 8 + (length + 7) // 8].tobytes()
+            changed = popcount(row)
+            for key, value in zip(SCHEMA.names, (name, list(shape), chunk, offset, length, row, changed), strict=True):
                 cols[key].append(value)
-            self._digests.append(row_digest(bits))
+            self._digests.append(row_digest(row))
             changed_total += changed
         self._writer.write_batch(pa.record_batch(cols, schema=SCHEMA))
         self.total_elems += numel

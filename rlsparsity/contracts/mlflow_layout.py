@@ -50,14 +50,35 @@ WEIGHTS_MANIFEST: Final = "rlsparsity_weights.json"
 WEIGHTS_FORMAT: Final = "rlsparsity.weights/1"
 
 
+# A trial's masks: the bf16 view's bitwise mask against θ0 directly under MASK_DIR, every
+# other series in a folder of its own: one per further criterion (its slug), and the
+# dynamics (SINCE_PREV: against the previous mask step; EVER: changed at any step).
+BF16_SLUG: Final = "bf16"
+SINCE_PREV: Final = "since_prev"
+EVER: Final = "ever"
+DRIFT_DIR: Final = "drift"
+PLOTS_DIR: Final = "plots"
+
+
+def criterion_slug(spec: str) -> str:
+    """A criterion's name in metric keys and artifact folders: bitwise (on the bf16 view) ->
+    bf16, masters -> masters, abs:1e-5 -> abs_1e-5 (MLflow keys take no ':')."""
+    return BF16_SLUG if spec == "bitwise" else spec.replace(":", "_")
+
+
 def mask_file_name(step: int | None) -> str:
     """A trial's mask file at `step`; None is the final mask."""
     return "final.arrow" if step is None else f"step_{step:06d}.arrow"
 
 
-def mask_artifact_path(step: int | None) -> str:
-    """The artifact path of a trial's mask at `step` (None: the final one)."""
-    return f"{MASK_DIR}/{mask_file_name(step)}"
+def mask_dir(series: str = BF16_SLUG) -> str:
+    """The artifact folder of a mask series: a criterion's slug, SINCE_PREV or EVER."""
+    return MASK_DIR if series == BF16_SLUG else f"{MASK_DIR}/{series}"
+
+
+def mask_artifact_path(step: int | None, series: str = BF16_SLUG) -> str:
+    """The artifact path of a trial's mask at `step` (None: the final one) in `series`."""
+    return f"{mask_dir(series)}/{mask_file_name(step)}"
 
 
 # --- metric names
@@ -75,7 +96,7 @@ SUMMARY_METRICS: Final = (
     "train_loss_first",
     "train_loss_last",
     "final/sparsity_bf16",
-    "final/master_changed_frac",
+    "final/changed_frac_masters",
     "sync_bytes_total",
     "sync_dense_bytes_total",
     "reward",

@@ -8,13 +8,16 @@ them and checks names against the registries.
 from __future__ import annotations
 
 import os
+import re
 import typing
+from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from rlsparsity.contracts.mlflow_layout import DEFAULT_TRACKING_URI
+from rlsparsity.analysis.criteria import BITWISE, Criterion, CriterionError, parse_criteria
+from rlsparsity.contracts.mlflow_layout import DEFAULT_TRACKING_URI, criterion_slug
 
 
 class Strict(BaseModel):
@@ -34,9 +37,75 @@ class Strict(BaseModel):
         return v
 
 
+@dataclass(frozen=True)
+class TrainingCriterion:
+    """One criterion of the training masks: `criterion` on the bf16 view, or bitwise on the
+    master weights (`view` masters). `slug` names its metrics and artifact folder."""
+
+    view: Literal["bf16", "masters"]
+    criterion: Criterion
+
+    @property
+    def spec(self) -> str:
+        return "masters" if self.view == "masters" else str(self.criterion)
+
+    @property
+    def slug(self) -> str:
+        return criterion_slug(self.spec)
+
+
+def parse_training_criteria(text: str) -> list[TrainingCriterion]:
+    """``"bitwise masters abs:1e-5,1e-6 rel:1e-3"`` -> criteria; a bare number continues the
+    tolerances of the mode before it. bitwise must come first: its mask is the trial's mask."""
+    words, specs = [w for w in re.split(r"[\s,]+", text.strip()) if w], []
+    for w in words:
+        if specs and ":" not in w and w.lower() not in ("bitwise", "masters") and specs[-1] not in ("bitwise", "masters"):
+            specs[-1] += "," + w  # abs:1e-5,1e-6 split at its comma
+        else:
+            specs.append(w)
+    out: list[TrainingCriterion] = []
+    for spec in specs:
+        try:
+            found = [TrainingCriterion("masters", BITWISE)] if spec.lower() == "masters" else [
+                TrainingCriterion("bf16", c) for c in parse_criteria(spec)]
+        except CriterionError as e:
+            raise ValueError(f"{e}; expected bitwise, masters, abs:TOL, rel:TOL or paper:TOL") from None
+        out.extend(c for c in found if c not in out)
+    if not out or out[0] != TrainingCriterion("bf16", BITWISE):
+        raise ValueError(f"{text!r}: the first criterion must be bitwise (the bf16 view's mask, which overlap and subnetworks read)")
+    return out
+
+
+# What training masks record by default: the bf16 view bitwise (the released checkpoint's
+# "changed"), the float32 masters bitwise, the paper's abs:1e-5 and Path Not Taken's rel:1e-3.
+DEFAULT_MASK_CRITERIA = "bitwise masters abs:1e-5 rel:1e-3"
+
+
 class MaskSpec(Strict):
-    criterion: Literal["bitwise"] = "bitwise"
-    every: int = Field(10, ge=1, description="write a mask every k optimizer steps (and at the end)")
+    every: int = Field(10, ge=1, description="write the masks every k optimizer steps (and at the end)")
+    criteria: str = Field(
+        DEFAULT_MASK_CRITERIA,
+        description="update criteria, each its own cumulative mask against θ0 and its own sparsity metric: "
+        "bitwise | abs:TOL | rel:TOL | paper:TOL on the bf16 view (as `rlsparsity diff` on the saved weights "
+        "counts them), and masters (bitwise on the master weights); separated by spaces or commas, "
+        "bitwise first (the mask the overlap job and subnetworks read)",
+    )
+    dynamics: bool = Field(
+        True, description="also write, at every mask step, the bf16 mask against the previous mask step and "
+        "the ever-changed mask (an entry whose bf16 view changed at any optimizer step)",
+    )
+    drift: bool = Field(
+        True, description="at every mask step, the distribution of |θ_t − θ0| and of the last step's update "
+        "in units of θ0's bf16 half-ulp (a table and a PNG)",
+    )
+
+    @field_validator("criteria")
+    @classmethod
+    def _parse_criteria(cls, v: str) -> str:
+        return " ".join(c.spec for c in parse_training_criteria(v))
+
+    def parsed_criteria(self) -> list[TrainingCriterion]:
+        return parse_training_criteria(self.criteria)
 
 
 class RandomMaskSpec(Strict):
@@ -109,6 +178,14 @@ class TrainingSpec(Strict):
     kl_coef: float = Field(0.0, ge=0, description="KL penalty to the frozen θ0; 0 disables it")
     kl_estimator: Literal["k1", "k3"] = Field("k3", description="per-token KL estimator (Schulman's k1 or k3)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null disables it")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw: torch's AdamW (betas 0.9/0.999, eps 1e-8); sgd: torch's SGD with momentum"
+    )
+    momentum: float | None = Field(None, ge=0, lt=1, description="sgd's momentum; default 0.9 (adamw: leave unset)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="fp32: float32 master weights and optimizer state, masks on their bf16 view (mixed "
+        "precision); bf16: weights, gradients and optimizer state held in bfloat16, as a pure-bf16 trainer"
+    )
     sft_style: Literal["ood", "native"] = "ood"
     reward: str = Field(
         "exact", description="a name in tasks.REWARDS. exact: the completion is the answer and stops; "
@@ -129,6 +206,19 @@ class TrainingSpec(Strict):
         "Ray Train checkpoint; a learner restarted after a failure continues from the last one. null: no "
         "checkpoints, a restarted learner starts again from step 0"
     )
+
+    @model_validator(mode="after")
+    def _optimizer_knobs(self) -> TrainingSpec:
+        if self.momentum is not None and self.optimizer != "sgd":
+            raise ValueError(f"momentum: applies to optimizer sgd, not {self.optimizer}; leave it unset")
+        if self.optimizer == "sgd" and self.subnetwork is not None and self.weight_decay > 0:
+            raise ValueError("weight_decay: sgd's weight decay is coupled to the gradient, which a subnetwork masks; "
+                             "use weight_decay 0 or optimizer adamw")
+        return self
+
+    @property
+    def sgd_momentum(self) -> float:
+        return 0.9 if self.momentum is None else self.momentum
 
 
 class VLLMSpec(Strict):

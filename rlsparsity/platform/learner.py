@@ -15,6 +15,7 @@ identical weights (DDP), so rank 0 speaks for them.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import tempfile
 import time
@@ -30,9 +31,16 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from rlsparsity.analysis.drift import Drift, DriftHistogram
+from rlsparsity.analysis.rank import final_update_rank
+from rlsparsity.analysis.trial_plots import drift_png, layer_matrix_png, over_steps_png
+from rlsparsity.contracts.layers import layer_of, matrix_type
 from rlsparsity.contracts.mlflow_layout import (
+    DRIFT_DIR,
+    EVER,
     FINAL_PREFIX,
-    MASK_DIR,
+    PLOTS_DIR,
+    SINCE_PREV,
     WEIGHTS_DIR,
     WEIGHTS_MANIFEST,
     mask_file_name,
@@ -48,7 +56,7 @@ from rlsparsity.platform.evaluation import (
     served_accuracy,
 )
 from rlsparsity.platform.learner_state import LearnerParts, load_state, save_state
-from rlsparsity.platform.mask_recorder import MaskRecorder
+from rlsparsity.platform.mask_recorder import MaskRecorder, Recorded, write_table
 from rlsparsity.platform.models import load_model, load_tokenizer
 from rlsparsity.platform.models.saving import save_bf16_model, write_manifest
 from rlsparsity.platform.sources import StepContext, formatted, get_source
@@ -107,6 +115,15 @@ def lr_schedule(opt: torch.optim.Optimizer, t: TrainingSpec) -> torch.optim.lr_s
         return get_constant_schedule_with_warmup(opt, warmup, last_epoch=0)
     make = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}[t.lr_schedule]
     return make(opt, warmup, total, last_epoch=0)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, t: TrainingSpec,
+                   kind: str | None = None) -> torch.optim.Optimizer:
+    """`training.optimizer` for the policy (side models pass kind="adamw"). Under precision
+    bf16 the parameters are bf16, and torch keeps the optimizer's state in their dtype."""
+    if (kind or t.optimizer) == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=t.sgd_momentum, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 # Above this many parameters a trial saves its weights only when the spec says so.
@@ -184,7 +201,8 @@ class Learner:
         self.source = get_source(self.algo.source)
         self.acfg = spec.algo_config
 
-        policy = load_model(self.model_path, dtype=torch.float32)
+        # fp32: float32 masters whose bf16 view the engines hold; bf16: the weights are bf16.
+        policy = load_model(self.model_path, dtype=torch.bfloat16 if t.precision == "bf16" else torch.float32)
         with torch.no_grad():  # θ0 is the bf16 view of the checkpoint, as the rollout engines hold it
             for p in policy.parameters():
                 p.copy_(p.to(torch.bfloat16))
@@ -203,18 +221,21 @@ class Learner:
         self.models = Models(self.wrap(policy), reference, {k: self.wrap(a.module) for k, a in aux.items()})
         # The policy's optimizer first, then each side model's own.
         # A subnetwork's weight decay is applied at its entries only, outside the optimizer.
-        trained = [(policy, t.lr, 0.0 if self.subnet else t.weight_decay, t.max_grad_norm)]
-        trained += [(a.module, a.lr, a.weight_decay, a.max_grad_norm) for a in aux.values()]
+        # The optimizer axis is the policy's: side models keep their own AdamW settings.
+        trained = [(policy, t.lr, 0.0 if self.subnet else t.weight_decay, t.max_grad_norm, None)]
+        trained += [(a.module, a.lr, a.weight_decay, a.max_grad_norm, "adamw") for a in aux.values()]
         self.optimized = []
-        for module, lr, wd, max_norm in trained:
-            opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=wd)
+        for module, lr, wd, max_norm, kind in trained:
+            opt = make_optimizer(list(module.parameters()), lr, wd, t, kind)
             self.optimized.append(Optimized(list(module.parameters()), opt, lr_schedule(opt, t), max_norm))
         self.shuffle = torch.Generator().manual_seed(spec.seed)
         self.curves: dict[str, list[float]] = {"reward": [], "loss": []}  # for the first-vs-last summary
         self.sync_bytes = self.dense_bytes = 0
+        self.history: list[Recorded] = []  # every mask step's counts, for the curves over steps
         if self.leader:
             self.sync_state = Bf16SyncState(self.named)
-            self.recorder = MaskRecorder(self.named, base=self.base, tied=tied_groups(policy))
+            self.recorder = MaskRecorder(self.named, base=self.base, tied=tied_groups(policy),
+                                         criteria=t.masks.parsed_criteria(), dynamics=t.masks.dynamics)
             self.test = formatted(self.task.problems("test", t.eval_problems, seed=10_000), spec, self.task, self.tok)
         if resume_from is not None:
             self._restore(Path(resume_from))
@@ -230,13 +251,13 @@ class Learner:
     def _state_parts(self) -> LearnerParts:
         modules = {"policy": self.named, **{f"aux.{k}": list(m.named_parameters()) for k, m in self.aux_modules.items()}}
         return LearnerParts(modules, [o.optimizer for o in self.optimized], [o.schedule for o in self.optimized],
-                            {"shuffle": self.shuffle})
+                            {"shuffle": self.shuffle}, self.recorder.state_tensors() if self.leader else {})
 
     def save_state(self, directory: str | Path) -> None:
         """Rank 0: everything a restarted learner needs to continue after `step_done`."""
         extra = {
             "curves": self.curves, "sync_bytes": self.sync_bytes, "dense_bytes": self.dense_bytes,
-            "before": self.before, "pref_pairs": self.pref_pairs,
+            "before": self.before, "pref_pairs": self.pref_pairs, "history": [r.to_json() for r in self.history],
         }
         save_state(Path(directory), self._state_parts(), step=self.step_done, label=self.spec.label, extra=extra)
 
@@ -247,6 +268,7 @@ class Learner:
             self.curves, self.before = extra["curves"], extra["before"]
             self.sync_bytes, self.dense_bytes = extra["sync_bytes"], extra["dense_bytes"]
             self.pref_pairs = [tuple(pair) for pair in extra["pref_pairs"]]
+            self.history = [Recorded.from_json(r) for r in extra["history"]]
             self.sync_state = Bf16SyncState(self.named)  # what the engines get in full next
             self._log({"resumed_from_step": float(step)}, step=step)
 
@@ -268,6 +290,9 @@ class Learner:
             if self.algo.prepare:
                 batch = self.algo.prepare(self.models, batch, acfg, self.spec.training)
         zero_weight = metrics.get("pairs", 1) == 0  # a stand-in batch that must change nothing
+        records = self.leader and (step % self.spec.training.masks.every == 0 or step == self.spec.training.steps)
+        # The drift diagnostic needs the last step's update: keep the weights before it.
+        before = {n: p.detach().clone() for n, p in self.named} if records and self.spec.training.masks.drift else None
         for _ in range(acfg.epochs):
             for rows in minibatch_rows(len(batch), acfg.minibatches, batch.group_size, self.shuffle):
                 loss, loss_metrics = self.algo.loss(self.models, batch.select(rows) if updates > 1 else batch, acfg, self.spec.training)
@@ -278,8 +303,8 @@ class Learner:
         self.step_done = step
         if self.leader:
             metrics.update(self._sync(step))
-            if step % self.spec.training.masks.every == 0 or step == self.spec.training.steps:
-                metrics.update(self._record(step))
+            if records:
+                metrics.update(self._record(step, before))
             metrics["rollout_restarts"] = self.rollout.restarts
             metrics["step_time_s"] = time.perf_counter() - t0
             self._log(metrics, step)
@@ -306,7 +331,8 @@ class Learner:
     def _sync(self, step: int) -> dict[str, float]:
         r = self.spec.rollout.sync
         t_diff = time.perf_counter()
-        patch = choose_patch(self.sync_state.diff(self.named), self.named, r.mode, r.dense_above)
+        patch = choose_patch(self.sync_state.diff(self.named, on_changed=self.recorder.mark_changed),
+                             self.named, r.mode, r.dense_above)
         t_send = time.perf_counter()
         self.rollout.sync(patch, version=step)
         self.sync_bytes += patch.nbytes
@@ -319,19 +345,40 @@ class Learner:
             "sync_diff_s": t_send - t_diff, "sync_send_s": time.perf_counter() - t_send,
         }
 
-    def _record(self, step: int) -> dict[str, float]:
-        name = mask_file_name(None if step == self.spec.training.steps else step)
+    def _record(self, step: int, before: dict[str, torch.Tensor] | None) -> dict[str, float]:
+        """Rank 0 at a mask step: every mask series (and its table), the drift diagnostic."""
+        final = step == self.spec.training.steps
         with tempfile.TemporaryDirectory(prefix="rlsparsity-mask-") as workdir:
-            path = Path(workdir) / name
-            stats = self.recorder.record(self.named, path, target={**self.target, "step": step})
-            if self.sink is not None:
-                self.sink.log_artifact(path, MASK_DIR)
-        self.last_mask_stats = stats
-        metrics = stats.metrics()
+            recorded, files = self.recorder.record(self.named, Path(workdir), step, final=final, target=self.target)
+            if before is not None:
+                files += self._drift(step, before, Path(workdir))
+            for path, artifact_dir in files:
+                self._log_artifact(path, artifact_dir)
+        self.history.append(recorded)
+        metrics = recorded.metrics()
+        if before is not None:
+            metrics.update(self.last_drift.metrics())
         if self.subnet is not None:
             self.check_subnetwork()
             metrics["subnetwork_density"] = self.subnet.density
         return metrics
+
+    def _drift(self, step: int, before: dict[str, torch.Tensor], workdir: Path) -> list[tuple[Path, str]]:
+        drift = Drift(step)
+        for name, p in self.named:
+            drift.add(self.recorder.base_bf16[name], before[name], p.detach())
+        self.last_drift = drift
+        stem = Path(mask_file_name(None if step == self.spec.training.steps else step)).stem
+        (workdir / DRIFT_DIR).mkdir(exist_ok=True)
+        table = write_table(drift.table_rows(), workdir / DRIFT_DIR / f"{stem}.csv")
+        png = drift_png(DriftHistogram.labels(), [drift.since_theta0.zero, *drift.since_theta0.bins],
+                        [drift.last_step.zero, *drift.last_step.bins], workdir / DRIFT_DIR / f"{stem}.png",
+                        title=f"{self.spec.label}, step {step}: distance from changing the bf16 view")
+        return [(table, DRIFT_DIR), (png, DRIFT_DIR)]
+
+    def _log_artifact(self, path: Path, artifact_dir: str) -> None:
+        if self.sink is not None:
+            self.sink.log_artifact(path, artifact_dir)
 
     def check_subnetwork(self) -> None:
         """Rank 0: fail the trial if any policy entry outside the subnetwork left θ0."""
@@ -361,11 +408,35 @@ class Learner:
             if curve:
                 summary[f"train_{key}_first"], summary[f"train_{key}_last"] = first_last(curve)
         summary.update(sync_bytes_total=self.sync_bytes, sync_dense_bytes_total=self.dense_bytes)
-        summary.update(self.last_mask_stats.metrics(FINAL_PREFIX))
+        summary.update(self.history[-1].metrics(FINAL_PREFIX))
+        summary.update(self._final_figures())
         if self.save_weights == "final":
             summary["weights_bytes"] = self._save_weights()
         self._log({k: v for k, v in summary.items() if not k.endswith("_before")}, step=t.steps)
         return summary
+
+    def _final_figures(self) -> dict[str, float]:
+        """Rank 0 at the end: the per-layer × matrix sparsity of every criterion, the curves
+        over mask steps, and the update rank of the final checkpoint (the paper's Table 2)."""
+        last, label = self.history[-1], self.spec.label
+        key = lambda n: (layer_of(n), matrix_type(n))  # noqa: E731
+        criteria = [c.slug for c in self.recorder.criteria]
+        steps = [r.step for r in self.history]
+        rank = final_update_rank(self.recorder.base_bf16, self.named)
+        with tempfile.TemporaryDirectory(prefix="rlsparsity-plots-") as workdir:
+            out = Path(workdir)
+            layer_matrix_png({s: {k: 1 - c / n for k, (c, n) in last.series[s].grouped(key).items()} for s in criteria},
+                             out / "layer_matrix_sparsity.png", title=f"{label}: sparsity per layer and matrix")
+            over_steps_png(steps, {s: [1 - r.series[s].changed_frac for r in self.history] for s in criteria},
+                           out / "sparsity_over_steps.png", title=f"{label}: sparsity by criterion")
+            if self.recorder.dynamics:
+                over_steps_png(steps, {s: [r.series[s].changed_frac for r in self.history] for s in (SINCE_PREV, EVER)},
+                               out / "dynamics_over_steps.png", ylabel="% of entries changed",
+                               title=f"{label}: changed since the previous mask step, and ever changed")
+            (out / "update_rank.json").write_text(json.dumps(rank.to_dict(), indent=1))
+            for f in sorted(out.iterdir()):
+                self._log_artifact(f, PLOTS_DIR)
+        return {} if rank.mean is None else {f"{FINAL_PREFIX}update_rank_frac": rank.mean}
 
     def _save_weights(self) -> float:
         """Log the final bf16 view as a Hugging Face directory; its manifest goes last, so

@@ -13,7 +13,7 @@ incomplete and refused.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ STATE_JSON = "state.json"
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+BUFFERS_FILE = "buffers.safetensors"
 
 
 class LearnerStateError(ValueError):
@@ -65,6 +66,7 @@ class LearnerParts:
     optimizers: list[torch.optim.Optimizer]
     schedules: list[torch.optim.lr_scheduler.LRScheduler]
     generators: dict[str, torch.Generator]
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # rank 0's mask recorder state
 
 
 def save_state(directory: Path, parts: LearnerParts, *, step: int, label: str, extra: dict[str, Any]) -> None:
@@ -73,6 +75,7 @@ def save_state(directory: Path, parts: LearnerParts, *, step: int, label: str, e
     directory.mkdir(parents=True, exist_ok=True)
     weights = {f"{key}.{name}": p.detach().contiguous() for key, named in modules.items() for name, p in named}
     save_file(weights, str(directory / WEIGHTS_FILE))
+    save_file({k: t.detach().contiguous() for k, t in parts.buffers.items()}, str(directory / BUFFERS_FILE))
     opt_tensors: dict[str, torch.Tensor] = {}
     opt_meta = []
     for i, opt in enumerate(optimizers):
@@ -108,6 +111,19 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
 
 
+def _checked(path: Path, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's tensors, once each name, shape and dtype matches the live tensor's."""
+    saved = _tensors(path)
+    if set(saved) != set(live):
+        missing, unknown = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+        raise LearnerStateError(f"{path}: missing tensors {missing[:5]}, unknown {unknown[:5]}")
+    for name, p in live.items():
+        t = saved[name]
+        if t.shape != p.shape or t.dtype != p.dtype:
+            raise LearnerStateError(f"{path}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected {p.dtype} {tuple(p.shape)}")
+    return saved
+
+
 @torch.no_grad()
 def load_state(directory: Path, parts: LearnerParts, *, label: str, steps: int) -> tuple[int, dict[str, Any]]:
     """Load what `save_state` wrote into the learner's live objects, in place; (step, extra).
@@ -123,20 +139,13 @@ def load_state(directory: Path, parts: LearnerParts, *, label: str, steps: int) 
             f"{directory}: modules {state['modules']} with {len(state['optimizers'])} optimizers, "
             f"expected {sorted(modules)} with {len(optimizers)}"
         )
-    weights = _tensors(directory / WEIGHTS_FILE)
     live = {f"{key}.{name}": p for key, named in modules.items() for name, p in named}
-    if set(weights) != set(live):
-        missing, unknown = sorted(set(live) - set(weights)), sorted(set(weights) - set(live))
-        raise LearnerStateError(f"{directory / WEIGHTS_FILE}: missing tensors {missing[:5]}, unknown {unknown[:5]}")
-    for name, p in live.items():
-        saved = weights[name]
-        if saved.shape != p.shape or saved.dtype != p.dtype:
-            raise LearnerStateError(
-                f"{directory / WEIGHTS_FILE}: tensor {name} is {saved.dtype} {tuple(saved.shape)}, "
-                f"expected {p.dtype} {tuple(p.shape)}"
-            )
+    weights = _checked(directory / WEIGHTS_FILE, live)
+    buffers = _checked(directory / BUFFERS_FILE, parts.buffers) if parts.buffers else {}  # rank 0's only
     for name, p in live.items():
         p.copy_(weights[name])
+    for name, b in parts.buffers.items():
+        b.copy_(buffers[name])
     opt_tensors = _tensors(directory / OPTIMIZER_FILE)
     for i, (opt, meta) in enumerate(zip(optimizers, state["optimizers"], strict=True)):
         try:

@@ -1,69 +1,210 @@
-"""Masks of the bf16 view against θ0, written in rlsparsity.mask/1 during training."""
+"""A trial's training masks, written in rlsparsity.mask/1 at every mask step.
+
+From one pass over the policy at each mask step:
+- one cumulative mask against θ0 per criterion of `training.masks.criteria`: `bitwise`,
+  `abs:`, `rel:` and `paper:` on the bf16 view, through `analysis.criteria.compare` (the
+  code `rlsparsity diff` runs, so the masks equal `diff` on the saved weights), and
+  `masters`, bitwise on the master weights (float32, or bf16 under precision bf16);
+- with `dynamics`: the bf16 mask against the previous mask step (`since_prev`; the first
+  is against θ0) and the ever-changed mask (`ever`), every entry whose bf16 view changed
+  at any optimizer step, fed after each step by the sync diff (`mark_changed`).
+Every mask file gets a CSV table beside it (sparsity per layer and matrix type for each
+series), which the MLflow UI previews as a table.
+"""
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from rlsparsity.contracts.layers import layer_of
+from rlsparsity.analysis.criteria import BITWISE, compare, dtype_name
+from rlsparsity.contracts.layers import group_sort_key, layer_of, matrix_type
 from rlsparsity.contracts.mask import MaskWriter
-from rlsparsity.platform.weight_sync import bf16_bits
+from rlsparsity.contracts.mlflow_layout import BF16_SLUG, EVER, SINCE_PREV, mask_dir, mask_file_name
+from rlsparsity.platform.config import TrainingCriterion
 
 
 @dataclass
-class MaskStats:
-    total: int
-    changed: int
-    master_changed: int  # float32 master entries that differ from θ0 at all
-    per_layer: dict[str, list[int]] = field(default_factory=dict)  # layer -> [changed, total]
+class SeriesStats:
+    """One mask's counts: changed entries per tensor, and the tensors' sizes."""
+
+    changed: dict[str, int] = field(default_factory=dict)
+    numel: dict[str, int] = field(default_factory=dict)
 
     @property
-    def sparsity(self) -> float:
-        return 1.0 - self.changed / self.total
+    def total_changed(self) -> int:
+        return sum(self.changed.values())
 
     @property
-    def master_changed_frac(self) -> float:
-        return self.master_changed / self.total
+    def total(self) -> int:
+        return sum(self.numel.values())
+
+    @property
+    def changed_frac(self) -> float:
+        return self.total_changed / self.total if self.total else 0.0
+
+    def grouped(self, key) -> dict[Any, list[int]]:
+        """[changed, total] per key(tensor name)."""
+        out: dict[Any, list[int]] = {}
+        for name, c in self.changed.items():
+            acc = out.setdefault(key(name), [0, 0])
+            acc[0] += c
+            acc[1] += self.numel[name]
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"changed": self.changed, "numel": self.numel}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SeriesStats:
+        return cls(dict(d["changed"]), dict(d["numel"]))
+
+
+@dataclass
+class Recorded:
+    """What one mask step recorded: each series' counts (criteria slugs, since_prev, ever)."""
+
+    step: int
+    series: dict[str, SeriesStats]
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
-        out = {
-            f"{prefix}sparsity_bf16": self.sparsity,
-            f"{prefix}changed_bf16": float(self.changed),
-            f"{prefix}master_changed_frac": self.master_changed_frac,
-        }
-        for layer, (c, n) in self.per_layer.items():
+        """sparsity_<slug> (the fraction of entries unchanged) and changed_frac_<slug> per
+        criterion; the bf16 view's changed count and per-layer sparsity; the dynamics."""
+        out: dict[str, float] = {}
+        for slug, s in self.series.items():
+            if slug in (SINCE_PREV, EVER):
+                out[f"{prefix}changed_frac_{slug}"] = s.changed_frac
+            else:
+                out[f"{prefix}sparsity_{slug}"] = 1.0 - s.changed_frac
+                out[f"{prefix}changed_frac_{slug}"] = s.changed_frac
+        bf16 = self.series[BF16_SLUG]
+        out[f"{prefix}changed_bf16"] = float(bf16.total_changed)
+        for layer, (c, n) in bf16.grouped(layer_of).items():
             key = f"layer.{int(layer):02d}" if layer.isdigit() else layer
             out[f"{prefix}sparsity/{key}"] = 1.0 - c / n
+        if EVER in self.series and self.series[EVER].total_changed:
+            # Ever-changed entries whose bf16 view is back at θ0's (the paper's 8.5 %).
+            ever = self.series[EVER].total_changed
+            out[f"{prefix}reverted_frac_of_ever"] = (ever - bf16.total_changed) / ever
         return out
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        """One row per (layer, matrix type): its size and each series' sparsity in %."""
+        key = lambda n: (layer_of(n), matrix_type(n))  # noqa: E731
+        groups = {slug: s.grouped(key) for slug, s in self.series.items()}
+        rows = []
+        for layer, matrix in sorted(groups[BF16_SLUG], key=lambda lm: (group_sort_key(lm[0]), lm[1])):
+            row: dict[str, Any] = {"layer": layer, "matrix": matrix, "elements": groups[BF16_SLUG][(layer, matrix)][1]}
+            for slug, g in groups.items():
+                c, n = g[(layer, matrix)]
+                name = f"changed % {slug}" if slug in (SINCE_PREV, EVER) else f"sparsity % {slug}"
+                row[name] = round(100 * (n - c) / n if name.startswith("sparsity") else 100 * c / n, 4)
+            rows.append(row)
+        return rows
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "series": {k: s.to_json() for k, s in self.series.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Recorded:
+        return cls(int(d["step"]), {k: SeriesStats.from_json(s) for k, s in d["series"].items()})
+
+
+def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 class MaskRecorder:
-    """Holds θ0 (float32 and its bf16 view) and writes the cumulative bitwise bf16 mask."""
+    """Holds θ0 (the masters and their bf16 view) and what the dynamics need, and writes
+    every mask series at a mask step."""
 
-    def __init__(self, named_params: Iterable[tuple[str, torch.Tensor]], *, base: dict[str, Any], tied: list[list[str]]) -> None:
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, torch.Tensor]],
+        *,
+        base: dict[str, Any],
+        tied: list[list[str]],
+        criteria: list[TrainingCriterion],
+        dynamics: bool = True,
+    ) -> None:
         params = list(named_params)
-        self.base_bits = {n: bf16_bits(p).clone() for n, p in params}
         self.base_master = {n: p.detach().clone() for n, p in params}
-        self.base = base
-        self.tied = tied
+        # copy=True: under precision bf16 the masters are bf16, and .to would alias them.
+        self.base_bf16 = {n: p.detach().to(torch.bfloat16, copy=True) for n, p in params}
+        self.master_dtype = dtype_name(params[0][1].dtype) if params else "float32"
+        self.base, self.tied, self.criteria, self.dynamics = base, tied, criteria, dynamics
+        self.prev_bf16 = {n: t.clone() for n, t in self.base_bf16.items()} if dynamics else {}
+        self.ever = {n: torch.zeros(p.shape, dtype=torch.bool, device=p.device) for n, p in params} if dynamics else {}
+
+    def mark_changed(self, name: str, flat_indices: np.ndarray | torch.Tensor) -> None:
+        """After an optimizer step: these entries' bf16 view changed (the ever-changed mask)."""
+        if self.dynamics:
+            ever = self.ever[name].view(-1)
+            ever[torch.as_tensor(flat_indices, device=ever.device).long()] = True
 
     @torch.no_grad()
-    def record(self, named_params: Iterable[tuple[str, torch.Tensor]], path: Path, target: dict[str, Any]) -> MaskStats:
-        stats = MaskStats(total=0, changed=0, master_changed=0)
-        writer = MaskWriter(
-            path, criterion={"mode": "bitwise"}, dtype="bfloat16", base=self.base, target=target, tied=self.tied
-        )
-        with writer:
-            for name, p in named_params:
-                changed = bf16_bits(p) != self.base_bits[name]
-                n_changed = writer.add(name, tuple(p.shape), changed.numpy())
-                stats.master_changed += int(torch.count_nonzero(p.detach() != self.base_master[name]))
-                acc = stats.per_layer.setdefault(layer_of(name), [0, 0])
-                acc[0] += n_changed
-                acc[1] += p.numel()
-        stats.total, stats.changed = writer.total_elems, writer.total_changed
-        return stats
+    def record(self, named_params: Iterable[tuple[str, torch.Tensor]], workdir: Path, step: int, *,
+               final: bool, target: dict[str, Any]) -> tuple[Recorded, list[tuple[Path, str]]]:
+        """Write every series' mask at `step` under `workdir`; returns the counts and the
+        (file, artifact folder) pairs to log."""
+        name = mask_file_name(None if final else step)
+        bf16_criteria = [c for c in self.criteria if c.view == "bf16"]
+        series = [c.slug for c in self.criteria] + ([SINCE_PREV, EVER] if self.dynamics else [])
+        meta = {c.slug: (c.criterion.to_meta() | {"view": c.view}, "bfloat16" if c.view == "bf16" else None)
+                for c in self.criteria}
+        meta[SINCE_PREV] = (BITWISE.to_meta() | {"view": "bf16", "against": "previous mask step"}, "bfloat16")
+        meta[EVER] = ({"mode": "ever", "spec": "ever", "view": "bf16",
+                       "meaning": "the bf16 view changed at any optimizer step up to this one"}, "bfloat16")
+        writers: dict[str, MaskWriter] = {}
+        stats = {slug: SeriesStats() for slug in series}
+        files: list[tuple[Path, str]] = []
+        try:
+            for slug in series:
+                criterion, dtype = meta[slug]
+                path = workdir / mask_dir(slug) / name
+                writers[slug] = MaskWriter(path, criterion=criterion, dtype=dtype or self.master_dtype, base=self.base,
+                                           target={**target, "step": step}, tied=self.tied, extra={"series": slug})
+                files.append((path, mask_dir(slug)))
+            for tensor, p in named_params:
+                shape, cur = tuple(p.shape), p.detach().to(torch.bfloat16, copy=True)
+                masks = compare(self.base_bf16[tensor], cur, [c.criterion for c in bf16_criteria],
+                                masks=range(len(bf16_criteria)), packed=True).masks
+                for i, c in enumerate(bf16_criteria):
+                    stats[c.slug].changed[tensor] = writers[c.slug].add_bits(tensor, shape, masks[i])
+                if any(c.view == "masters" for c in self.criteria):
+                    m = compare(self.base_master[tensor], p.detach(), [BITWISE], masks=[0], packed=True).masks[0]
+                    stats["masters"].changed[tensor] = writers["masters"].add_bits(tensor, shape, m)
+                if self.dynamics:
+                    m = compare(self.prev_bf16[tensor], cur, [BITWISE], masks=[0], packed=True).masks[0]
+                    stats[SINCE_PREV].changed[tensor] = writers[SINCE_PREV].add_bits(tensor, shape, m)
+                    stats[EVER].changed[tensor] = writers[EVER].add(tensor, shape, self.ever[tensor].cpu().numpy())
+                    self.prev_bf16[tensor] = cur
+                for s in stats.values():
+                    s.numel[tensor] = p.numel()
+            for w in writers.values():
+                w.close()
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        recorded = Recorded(step, stats)
+        table = workdir / mask_dir() / f"{Path(name).stem}.csv"
+        files.append((write_table(recorded.table_rows(), table), mask_dir()))
+        return recorded, files
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What a restarted learner needs besides θ0 (rebuilt from the model directory); the
+        learner state loads it back into these same tensors."""
+        out = {f"prev.{n}": t for n, t in self.prev_bf16.items()}
+        out.update({f"ever.{n}": t for n, t in self.ever.items()})
+        return out

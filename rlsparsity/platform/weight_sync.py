@@ -9,7 +9,7 @@ makes the engine's weights equal the bf16 view of the master weights, bit for bi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,7 +76,15 @@ class Bf16SyncState:
         self.last = {n: bf16_bits(p).clone() for n, p in named_params}
         self.dense_above = dense_above
 
-    def diff(self, named_params: Iterable[tuple[str, torch.Tensor]], *, fused: bool = True) -> SparsePatch:
+    def diff(
+        self,
+        named_params: Iterable[tuple[str, torch.Tensor]],
+        *,
+        fused: bool = True,
+        on_changed: Callable[[str, np.ndarray | torch.Tensor], None] | None = None,
+    ) -> SparsePatch:
+        """The patch since the last diff. `on_changed(name, flat_indices)` sees every tensor's
+        changed entries, whatever the patch sends (the mask recorder's ever-changed mask)."""
         from rlsparsity.numba_jit import compiled
 
         kern = compiled("bf16 sync diff", _build_kernel) if fused else None
@@ -84,32 +92,34 @@ class Bf16SyncState:
         for name, p in named_params:
             patch.dense_bytes += p.numel() * 2
             if kern is not None and p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous():
-                entry, changed = self._diff_fused(kern, name, p)
+                entry, idx = self._diff_fused(kern, name, p)
             else:
-                entry, changed = self._diff_torch(name, p)
-            patch.changed += changed
+                entry, idx = self._diff_torch(name, p)
+            patch.changed += len(idx)
+            if on_changed is not None and len(idx):
+                on_changed(name, idx)
             if entry is not None:
                 patch.tensors[name] = entry
         return patch
 
-    def _diff_fused(self, kern, name: str, p: torch.Tensor) -> tuple[tuple | None, int]:
+    def _diff_fused(self, kern, name: str, p: torch.Tensor) -> tuple[tuple | None, np.ndarray]:
         src = p.detach().reshape(-1).numpy().view(np.uint32)
         last = self.last[name].view(-1).numpy()  # shares memory: updated in place
         idx, bits = np.empty(src.size, np.int32), np.empty(src.size, np.int16)  # pages touched only when written
         n = kern(src, last, idx, bits)
         if n > self.dense_above * src.size:
-            return (None, last.copy()), n
-        return ((idx[:n].copy(), bits[:n].copy()) if n else None), n
+            return (None, last.copy()), idx[:n]
+        return ((idx[:n].copy(), bits[:n].copy()) if n else None), idx[:n]
 
-    def _diff_torch(self, name: str, p: torch.Tensor) -> tuple[tuple | None, int]:
+    def _diff_torch(self, name: str, p: torch.Tensor) -> tuple[tuple | None, torch.Tensor]:
         cur = bf16_bits(p).reshape(-1)
         idx = torch.nonzero(cur != self.last[name].reshape(-1)).squeeze(1)
         n = idx.numel()
         if n:
             self.last[name] = cur.view(p.shape).clone()
         if n > self.dense_above * cur.numel():
-            return (None, cur.cpu().numpy().copy()), n
-        return ((idx.to(torch.int32).cpu().numpy(), cur[idx].cpu().numpy()) if n else None), n
+            return (None, cur.cpu().numpy().copy()), idx
+        return ((idx.to(torch.int32).cpu().numpy(), cur[idx].cpu().numpy()) if n else None), idx
 
 
 def full_patch(named_params: Iterable[tuple[str, torch.Tensor]]) -> SparsePatch:

@@ -389,7 +389,7 @@ def print_summary(result: SweepResult, console: Console) -> None:
             _before_after(t, "test_answer_accuracy"),
             *([_before_after(t, "test_preference_accuracy")] if pref else []),
             f"{100 * t.get('final/sparsity_bf16', float('nan')):.2f} %",
-            f"{100 * t.get('final/master_changed_frac', float('nan')):.2f} %",
+            f"{100 * t.get('final/changed_frac_masters', float('nan')):.2f} %",
             f"{sent / 1e6:.2f} MB / {dense / 1e6:.2f} MB ({100 * sent / dense if dense else float('nan'):.1f} %)",
         )
     console.print(table)

@@ -1,0 +1,121 @@
+"""Why a weight did not change: distances in units of θ0's bf16 half-ulp.
+
+A float32 master weight that starts at a bf16 value x = θ0 keeps its bf16 view while it
+stays within half a bf16 unit in the last place of x (2^(floor(log2|x|) − 8): bf16 has 8
+significant bits). So the ratio r = |θ_t − θ0| / half-ulp(θ0) says how far each weight is
+from changing its bf16 view: r < 1 and it still reads as θ0 (below a power of two the
+next value down is closer, so a downward move there needs only r ≥ 1/2). The same units
+for the last optimizer step's update show how many per-step updates are too small to
+cross a rounding step on their own (PULSE's "vanish after the bf16 cast").
+
+The histogram bins r by powers of two, exactly, from the float32 exponents of Δ and θ0
+(`torch.frexp`), so no ratio is formed and nothing overflows (θ0 = 0 has a half-ulp of
+2^-134, half the smallest bf16 subnormal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Bins of floor(log2 r): everything below LOW_EXP and from HIGH_EXP up is lumped.
+LOW_EXP, HIGH_EXP = -10, 6
+_MIN_HALF_ULP_EXP = -134  # the bf16 subnormal step is 2^-133
+
+
+def half_ulp_exponent(theta0: Any) -> Any:
+    """e (int32 tensor) with half-ulp(θ0) = 2**e for the bf16 values ``theta0``."""
+    import torch
+
+    _, e = torch.frexp(theta0.float())  # |x| = m · 2^e, m in [0.5, 1): floor(log2|x|) = e − 1
+    e = (e.to(torch.int32) - 9).clamp(min=_MIN_HALF_ULP_EXP)
+    return torch.where(theta0 == 0, torch.full_like(e, _MIN_HALF_ULP_EXP), e)
+
+
+@dataclass
+class DriftHistogram:
+    """Counts of r = |Δ| / half-ulp(θ0): `zero` where Δ = 0, then one bin per power of two."""
+
+    zero: int = 0
+    bins: list[int] = field(default_factory=lambda: [0] * (HIGH_EXP - LOW_EXP + 1))
+
+    @property
+    def total(self) -> int:
+        return self.zero + sum(self.bins)
+
+    @property
+    def below_one(self) -> int:
+        """Entries with r < 1 (Δ = 0 included): too close to θ0 to move its bf16 view."""
+        return self.zero + sum(self.bins[: -LOW_EXP])
+
+    def add(self, delta: Any, half_exp: Any) -> None:
+        import torch
+
+        d = delta.float().abs()
+        nonzero = d != 0
+        self.zero += int(d.numel() - int(nonzero.sum()))
+        _, ed = torch.frexp(d[nonzero])
+        k = (ed.to(torch.int32) - 1 - half_exp[nonzero]).clamp(LOW_EXP, HIGH_EXP) - LOW_EXP
+        counts = torch.bincount(k.reshape(-1).long(), minlength=len(self.bins))
+        self.bins = [a + int(b) for a, b in zip(self.bins, counts.tolist(), strict=True)]
+
+    @staticmethod
+    def labels() -> list[str]:
+        def p(k: int) -> str:
+            return "1" if k == 0 else f"2^{k}"
+
+        out = [f"< {p(LOW_EXP + 1)}"]
+        out += [f"[{p(k)}, {p(k + 1)})" for k in range(LOW_EXP + 1, HIGH_EXP)]
+        return ["0", *out, f">= {p(HIGH_EXP)}"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"zero": self.zero, "bins": self.bins, "low_exp": LOW_EXP, "high_exp": HIGH_EXP}
+
+
+@dataclass
+class Drift:
+    """At one mask step: the drift since θ0 and the last step's update, both in units of
+    θ0's half-ulp, and how many of that step's master updates left the bf16 view alone."""
+
+    step: int
+    since_theta0: DriftHistogram = field(default_factory=DriftHistogram)
+    last_step: DriftHistogram = field(default_factory=DriftHistogram)
+    step_updated: int = 0  # master entries the last step changed
+    step_vanished: int = 0  # of those, entries whose bf16 view did not change
+
+    def add(self, theta0_bf16: Any, previous: Any, current: Any) -> None:
+        """One tensor: θ0's bf16 view, the masters before and after the last step."""
+        import torch
+
+        half = half_ulp_exponent(theta0_bf16)
+        self.since_theta0.add(current.float() - theta0_bf16.float(), half)
+        step = current.float() - previous.float()
+        self.last_step.add(step, half)
+        moved = (step != 0) | (current != previous)  # NaN-safe: a changed bit pattern counts
+        same_bf16 = previous.to(torch.bfloat16).view(torch.int16) == current.to(torch.bfloat16).view(torch.int16)
+        self.step_updated += int(moved.sum())
+        self.step_vanished += int((moved & same_bf16).sum())
+
+    def metrics(self) -> dict[str, float]:
+        n = self.since_theta0.total
+        out = {"drift/below_half_ulp_frac": self.since_theta0.below_one / n if n else 0.0,
+               "drift/step_below_half_ulp_frac": self.last_step.below_one / n if n else 0.0,
+               "drift/step_updated_frac": self.step_updated / n if n else 0.0}
+        if self.step_updated:
+            out["drift/step_update_vanished_frac"] = self.step_vanished / self.step_updated
+        return out
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        a, b = self.since_theta0, self.last_step
+        rows = []
+        for label, x, y in zip(DriftHistogram.labels(), [a.zero, *a.bins], [b.zero, *b.bins], strict=True):
+            rows.append({
+                "|Δ| / half-ulp(θ0)": label,
+                "since θ0: weights": x, "since θ0: %": round(100 * x / a.total, 4) if a.total else 0.0,
+                "last step: weights": y, "last step: %": round(100 * y / b.total, 4) if b.total else 0.0,
+            })
+        return rows
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "since_theta0": self.since_theta0.to_json(), "last_step": self.last_step.to_json(),
+                "step_updated": self.step_updated, "step_vanished": self.step_vanished, **self.metrics()}

@@ -473,6 +473,10 @@ def test_help_documents_every_option(capsys: pytest.CaptureFixture) -> None:
                 "--rank", "--rank-max-dim", "--per-tensor", "--per-layer", "--json", "--mask", "--hash", "--quiet",
                 "--no-progress", "--mlflow", "--tracking-uri", "--experiment", "--run-name", "--workers", "--ray", "--ray-address"):
         assert opt in text, opt
+    flat = " ".join(text.split())  # argparse wraps lines
+    for says in ("paper:TOL[,TOL...]", "'paper:TOL' = the arithmetic of the paper's check_sparsity.py", "1e-5 -> 1.001358e-5",
+                 "-c paper:1e-8,1e-7,1e-6,1e-5", "-0 vs +0 is unchanged under abs, rel and paper"):  # fmt: skip
+        assert says in flat, says
 
 
 def test_grouping_helpers() -> None:

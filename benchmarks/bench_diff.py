@@ -453,7 +453,7 @@ def render(s: dict[str, Any]) -> str:
             f"Baseline result: n = {br['total']:,}; delta != 0 in bf16: {100 * (1 - br['changed_nonzero_bf16_delta'] / br['total']):.3f} % sparse, "
             f"isclose(atol=1e-5): {100 * (1 - br['changed_abs_1e-5_bf16_delta'] / br['total']):.3f} % "
             f"(load {b['result']['load_s']:.1f} s, diff {b['result']['diff_s']:.1f} s). The baseline subtracts in bf16, so its "
-            "abs:1e-5 count can differ slightly from ours (float32 Δ)."
+            "abs:1e-5 count can differ slightly from ours (float32 Δ); `paper:1e-5` is its arithmetic."
         )
         lines += [
             "",

@@ -1,13 +1,16 @@
-"""Criterion parsing and the one-pass kernel, checked against an independent numpy brute force."""
+"""Criterion parsing and the one-pass kernels, checked against an independent numpy brute force
+and, for ``paper:TOL``, against the paper script's own torch arithmetic."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from paper_reference import script_changed
 
 from rlsparsity.analysis import criteria as C
 from rlsparsity.analysis import criteria_kernels as K
+from rlsparsity.analysis import criteria_numba as N
 from rlsparsity.analysis.criteria import (
     BITWISE,
     Criterion,
@@ -18,6 +21,7 @@ from rlsparsity.analysis.criteria import (
 )
 
 TABLE6 = "abs:1e-8,1e-7,1e-6,1e-5"
+PAPER6 = "paper:1e-8,1e-7,1e-6,1e-5"
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -31,9 +35,25 @@ def test_parse_single_and_lists() -> None:
     assert [str(c) for c in crits] == ["bitwise", "abs:1e-8", "abs:1e-7", "abs:1e-6", "abs:1e-5", "rel:0.001"]
     assert str(Criterion("abs", 2.5e-6)) == "abs:2.5e-6"
     assert Criterion("abs", 1e-5).to_meta() == {"mode": "abs", "tol": 1e-5, "spec": "abs:1e-5"}
+    assert [str(c) for c in parse_criteria([PAPER6, "Paper: 0"])] == ["paper:1e-8", "paper:1e-7", "paper:1e-6", "paper:1e-5", "paper:0"]
+    assert parse_criterion("paper:1e-5") != parse_criterion("abs:1e-5")
+    assert Criterion("paper", 1e-5).to_meta() == {"mode": "paper", "tol": 1e-5, "spec": "paper:1e-5", "atol_bf16": 1.0013580322265625e-05}
 
 
-@pytest.mark.parametrize("bad", ["", "abs", "abs:", "abs:x", "abs:-1", "abs:nan", "rel:inf", "bitwise:1", "close:1e-5", "abs:1e-5,"])
+def test_spelling_is_the_typed_number() -> None:
+    """The spelling is the JSON key: abs:0, not abs:0.0; -0.0 and the int 0 are the same key."""
+    assert [str(c) for c in parse_criteria(["abs:0", "rel:0.0", "abs:2", "abs:1e20", "paper:0.5"])] == [
+        "abs:0", "rel:0", "abs:2", "abs:1e20", "paper:0.5"
+    ]  # fmt: skip
+    assert str(Criterion("abs", -0.0)) == str(Criterion("abs", 0)) == "abs:0"
+    assert Criterion("abs", -0.0).to_meta()["tol"] == 0.0 and parse_criteria("abs:0,-0,0.0") == [Criterion("abs", 0.0)]
+    for c in parse_criteria(["abs:0", "abs:1.5e-7", "rel:0.001", "paper:3e-6"]):
+        assert parse_criterion(str(c)) == c  # round-trips
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "abs", "abs:", "abs:x", "abs:-1", "abs:nan", "rel:inf", "bitwise:1", "close:1e-5", "abs:1e-5,", "paper", "paper:-1e-5", "paper:inf"]
+)
 def test_parse_errors(bad: str) -> None:
     with pytest.raises(CriterionError):
         parse_criteria(bad)
@@ -62,7 +82,10 @@ def _as_f32(t: torch.Tensor) -> np.ndarray:
 
 
 def brute(a: torch.Tensor, b: torch.Tensor, crit: Criterion) -> np.ndarray:
-    """Definition-level reference: float32 arithmetic, TOL compared in float64."""
+    """Definition-level reference: float32 arithmetic, TOL compared in float64; ``paper`` is the
+    script's torch arithmetic."""
+    if crit.mode == "paper":
+        return script_changed(a, b, crit.tol)
     fa, fb = _as_f32(a).reshape(-1), _as_f32(b).reshape(-1)
     if a.dtype == b.dtype:
         bits = _bits(a).reshape(-1) != _bits(b).reshape(-1)
@@ -97,7 +120,7 @@ def _random_pair(n: int, dtype: torch.dtype, seed: int, *, specials: bool = True
     return a, b
 
 
-ALL = parse_criteria(["bitwise", TABLE6, "abs:0", "abs:1e-3", "rel:1e-3,1e-2,0"])
+ALL = parse_criteria(["bitwise", TABLE6, "abs:0", "abs:1e-3", "rel:1e-3,1e-2,0", PAPER6, "paper:0,1e-3"])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -244,7 +267,9 @@ def _bf16_edge_pairs() -> tuple[np.ndarray, np.ndarray]:
     return (a & 0xFFFF).astype(np.uint16), (b & 0xFFFF).astype(np.uint16)
 
 
-EDGE = parse_criteria(["bitwise", TABLE6, "abs:0", "abs:1e-3", "abs:1e30", "rel:1e-3,1e-2,0,0.5,2,1e30"])
+EDGE = parse_criteria(
+    ["bitwise", TABLE6, "abs:0", "abs:1e-3", "abs:1e30", "rel:1e-3,1e-2,0,0.5,2,1e30", PAPER6, "paper:0,1e-3,1e30,1e39"]
+)
 
 
 def test_numba_matches_numpy_on_every_bf16_edge_case() -> None:
@@ -287,8 +312,8 @@ def test_numba_backend_scope(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="numba"):
         compare(ra, rb, ALL, masks=[0], dtypes=("bfloat16", "bfloat16"), backend="numba")
     calls = []
-    real = K.compare_numba
-    monkeypatch.setattr(K, "compare_numba", lambda *x: calls.append(1) or real(*x))
+    real = N.compare_numba
+    monkeypatch.setattr(N, "compare_numba", lambda *x: calls.append(1) or real(*x))
     auto = compare(ra, rb, ALL, dtypes=("bfloat16", "bfloat16"))
     assert calls and auto.counts == compare(ra, rb, ALL, dtypes=("bfloat16", "bfloat16"), backend="numpy").counts
     calls.clear()

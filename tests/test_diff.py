@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from paper_reference import script_changed
 from safetensors.torch import save_file
 
 from rlsparsity.analysis import checkpoints as ckpts
@@ -175,9 +176,80 @@ def test_numba_kernel_gives_the_known_counts(known_pair: dict, monkeypatch: pyte
     monkeypatch.setattr(engine, "NUMBA_MIN_BYTES_PER_WORKER", 0)
     for workers, unit in ((1, 64), (2, 1 << 20)):
         r = diff(known_pair["base"], known_pair["target"], TABLE6, workers=workers, unit_elems=unit)
-        assert r.timing["kernel"] == "numba"
+        assert r.timing["kernel"] == "numba+numpy"  # numba for the bf16 tensors, numpy for float32
         assert {str(c): r.changed(c) for c in r.criteria} == known_pair["expected"]
         assert {t.name: t.changed for t in r.tensors} == known_pair["per_tensor"]
+
+
+def test_timing_names_the_kernel_that_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 pair runs numpy even when numba is forced for every bf16 byte; a bf16 pair
+    forced onto numba says so (when numba is here)."""
+    from rlsparsity.analysis.criteria import numba_available
+    from rlsparsity.analysis.diff import engine
+
+    monkeypatch.setattr(engine, "NUMBA_MIN_BYTES_PER_WORKER", 0)
+    x = torch.randn(64, 8)
+    b, t = _pair(tmp_path / "f32", {"w": x}, {"w": x * 1.5})
+    r = diff(b, t, TABLE6, workers=1)
+    assert r.timing["kernel"] == "numpy" and r.changed("bitwise") == int((x != 0).sum())
+    b, t = _pair(tmp_path / "bf16", {"w": x.bfloat16()}, {"w": (x * 1.5).bfloat16()})
+    assert diff(b, t, TABLE6, workers=1).timing["kernel"] == ("numba" if numba_available() else "numpy")
+    assert diff(b, t, TABLE6, workers=1, mask_path=tmp_path / "m.arrow").timing["kernel"] == "numpy"  # masks: numpy
+
+
+# θ0, θ1, count: paper:1e-5 against abs:1e-5 on bf16 and float32 tensors (see the criteria
+# module for the rules). T5 = bf16(float32(1e-5)) = 168 * 2^-24 = 1.0013580e-5.
+T5 = 168 * 2.0**-24
+PAPER_BF16 = [
+    (0.0, -0.0, 3),  # bitwise only
+    (0.0, T5, 5),  # abs only: |Δ| = T5 > 1e-5, but not above the rounded tolerance
+    (0.0, 169 * 2.0**-24, 7),  # both
+    (-133 * 2.0**-28, 160 * 2.0**-24, 11),  # abs only: Δ = 1.0032e-5 rounds to T5 in bf16
+    (0.0, 167 * 2.0**-24, 13),  # bitwise only: 9.95e-6
+    (float("nan"), float("nan"), 2),  # paper only: identical NaN, NaN Δ is never close
+]
+PAPER_F32 = [
+    (1.0, 1.0 + 2.0**-12, 17),  # abs only: the same bf16 once rounded
+    (0.0, 1.002e-5, 19),  # abs only: rounds to T5
+    (0.1, 0.2, 23),  # both
+    (3.4e38, 3.4e38, 1),  # paper only: identical, but inf in bf16 (inf - inf = NaN)
+]
+
+
+def test_paper_criterion_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """diff's paper:1e-5 is the script's count; it differs from abs:1e-5 by a hand-counted 49."""
+    a16, b16 = _place((30, 20), torch.bfloat16, PAPER_BF16, seed=1)
+    a32, b32 = _place((25, 20), torch.float32, PAPER_F32, seed=2)
+    base, target = {"layers.0.w": a16, "layers.1.w": a32}, {"layers.0.w": b16, "layers.1.w": b32}
+    b, t = save_sharded(tmp_path / "b", base, 2), save_sharded(tmp_path / "t", target, 2)
+    crits = ["bitwise", "abs:1e-5", "paper:1e-5"]
+    # By hand: bitwise 3+5+7+11+13 + 17+19+23 = 98; abs 5+7+11 + 17+19+23 = 82; paper 7+2 + 23+1 = 33.
+    want = {"bitwise": 98, "abs:1e-5": 82, "paper:1e-5": 33}
+    assert want["abs:1e-5"] - want["paper:1e-5"] == (5 + 11 + 17 + 19) - (2 + 1) == 49
+    script = sum(int(script_changed(base[k], target[k], 1e-5).sum()) for k in base)
+    assert script == want["paper:1e-5"]  # the hand count is the script's
+    r = diff(b, t, crits, mask_path=tmp_path / "m.arrow", workers=2, unit_elems=64)
+    assert {str(c): r.changed(c) for c in r.criteria} == want and r.total == 1100
+    r = diff(b, t, ["paper:1e-5", "abs:1e-5"], mask_path=tmp_path / "p.arrow", workers=1)
+    m = read_mask(tmp_path / "p.arrow")
+    assert m.meta["criterion"] == {"mode": "paper", "tol": 1e-5, "spec": "paper:1e-5", "atol_bf16": T5}
+    assert m.meta["compute_dtype"].startswith("bfloat16")
+    for name, _, bits in m.iter_tensors():
+        np.testing.assert_array_equal(bits.reshape(-1), script_changed(base[name], target[name], 1e-5))
+    # The CLI, with the fused numba kernel forced where it can run (the bf16 tensor).
+    from rlsparsity.analysis.diff import engine
+
+    monkeypatch.setattr(engine, "NUMBA_MIN_BYTES_PER_WORKER", 0)
+    assert run_cli(b, t, "-c", "paper:1e-8,1e-7,1e-6,1e-5", "-c", "abs:1e-5,0", "--json", tmp_path / "r.json", "-q") == 0
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert list(d["criteria"]) == ["paper:1e-8", "paper:1e-7", "paper:1e-6", "paper:1e-5", "abs:1e-5", "abs:0"]
+    assert d["criteria"]["paper:1e-5"]["changed"] == 33 and d["criteria"]["abs:1e-5"]["changed"] == 82
+    assert d["criteria"]["abs:0"]["changed"] == 98 - 3  # every bit change but ±0
+    assert set(d["tensors"][0]["changed"]) == set(d["criteria"])
+    for tol in (1e-8, 1e-7, 1e-6):
+        assert d["criteria"][str(parse_criteria(f"paper:{tol}")[0])]["changed"] == sum(
+            int(script_changed(base[k], target[k], tol).sum()) for k in base
+        )
 
 
 def test_random_pairs_match_numpy_brute_force(tmp_path: Path) -> None:
@@ -401,6 +473,10 @@ def test_help_documents_every_option(capsys: pytest.CaptureFixture) -> None:
                 "--rank", "--rank-max-dim", "--per-tensor", "--per-layer", "--json", "--mask", "--hash", "--quiet",
                 "--no-progress", "--mlflow", "--tracking-uri", "--experiment", "--run-name", "--workers", "--ray", "--ray-address"):
         assert opt in text, opt
+    flat = " ".join(text.split())  # argparse wraps lines
+    for says in ("paper:TOL[,TOL...]", "'paper:TOL' = the arithmetic of the paper's check_sparsity.py", "1e-5 -> 1.001358e-5",
+                 "-c paper:1e-8,1e-7,1e-6,1e-5", "-0 vs +0 is unchanged under abs, rel and paper"):  # fmt: skip
+        assert says in flat, says
 
 
 def test_grouping_helpers() -> None:

@@ -1,6 +1,6 @@
 """Update criteria: which elements of a tensor count as changed between θ0 and θ1.
 
-Three criteria, all computed by one pass of :func:`compare` over the data:
+Four criteria, all computed by one pass of :func:`compare` over the data:
 
 ``bitwise``
     The stored values differ in any bit. Same dtype: the raw bit patterns are compared
@@ -10,13 +10,38 @@ Three criteria, all computed by one pass of :func:`compare` over the data:
     except that ±0 and NaN payloads keep their bit identity.
 
 ``abs:TOL``
-    The paper's criterion: changed iff |θ1 − θ0| > TOL, i.e. unchanged iff |Δ| ≤ TOL.
-    Δ is computed in float32 from the stored dtype (float64 when either side is float64
-    or a 32/64-bit integer, so no stored value is rounded before the subtraction). TOL is
-    compared *exactly* as a real number: internally it is replaced by the largest float32
-    not above it, which gives the same answer for every float32 |Δ|. (The paper's script
-    subtracts in bf16 and compares with ``torch.isclose(Δ, 0, atol=TOL)``; float32 avoids
-    rounding Δ before the test.)
+    The paper's criterion as a real-number statement: changed iff |θ1 − θ0| > TOL, i.e.
+    unchanged iff |Δ| ≤ TOL. Δ is computed in float32 from the stored dtype (float64 when
+    either side is float64 or a 32/64-bit integer, so no stored value is rounded before the
+    subtraction). TOL is compared *exactly* as a real number: internally it is replaced by
+    the largest float32 not above it, which gives the same answer for every float32 |Δ|.
+
+``paper:TOL``
+    The arithmetic of the paper's own ``check_sparsity.py``, to the element, so that its
+    Tables 1 and 6 can be reproduced exactly. The script loads both models with
+    ``torch_dtype=bfloat16``, takes ``Δ = θ1 − θ0`` in bf16 and counts
+    ``torch.isclose(Δ, 0, atol=TOL)`` as unchanged. So, per element:
+
+    1. each side is cast to bf16 as ``tensor.to(torch.bfloat16)`` does: to float32 (round
+       to nearest), then to bf16 (round to nearest even; NaN stays NaN, overflow gives
+       ±inf). bf16 data is unchanged; float32/float16/fp8 data is rounded as the script's
+       loader would. (Integer tensors go the same way; the script never sees them, as it
+       compares parameters only.)
+    2. Δ = bf16(float32(b) − float32(a)): torch's bf16 subtraction, computed in float32 and
+       rounded to nearest even. Differences of two bf16 values are never rounded to 0, so
+       Δ = 0 iff the two bf16 values are equal, -0 vs +0 included.
+    3. unchanged iff |Δ| ≤ T, where T = bf16(float32(TOL)) is the tolerance as isclose
+       evaluates it on a bf16 tensor (``atol + |rtol · 0|`` computed in bf16): 1e-8 ->
+       1.0011718e-8, 1e-7 -> 1.0011718e-7, 1e-6 -> 9.983778e-7, 1e-5 -> 1.0013580e-5. A
+       NaN or ±inf Δ is never close (isclose's ``equal_nan=False`` and its finiteness
+       test), so NaN or ±inf weights count as *changed* even when their bits are equal
+       (inf − inf is NaN), as in the script; so do equal float32 values beyond bf16's range.
+
+    How it differs from ``abs:TOL`` (up to about 0.01 points of sparsity on real pairs):
+    the subtraction is rounded to bf16; the tolerance is rounded to bf16 (1e-5 becomes
+    1.001358e-5, so a Δ of exactly 1.001358e-5 is unchanged); non-bf16 sides are rounded to
+    bf16 before the subtraction; and NaN/inf weights count as changed. -0 vs +0 is
+    unchanged under both.
 
 ``rel:TOL``
     changed iff |Δ| > TOL · max(|θ0|, |θ1|), the precision-relative criterion of the
@@ -25,22 +50,23 @@ Three criteria, all computed by one pass of :func:`compare` over the data:
 
 Special values (tested):
 
-* An element whose two stored values are bit-identical is unchanged under every criterion
-  (NaN -> same NaN, inf -> inf, a subnormal -> itself).
+* An element whose two stored values are bit-identical is unchanged under ``bitwise``,
+  ``abs`` and ``rel`` (NaN -> same NaN, inf -> inf, a subnormal -> itself); under ``paper``
+  too, except for NaN and ±inf (see above).
 * ``abs`` and ``rel`` changes are always a subset of ``bitwise`` changes. Wherever Δ is not
   finite (either side NaN or ±inf, or the subtraction overflows), an element is changed
   under ``abs``/``rel`` iff its bits differ. So x -> NaN, NaN -> other NaN payload, 1 -> inf
   are changed; NaN -> identical NaN is not.
-* -0 -> +0 is changed under ``bitwise`` (the bits differ) and unchanged under ``abs``/``rel``
-  (Δ = 0).
+* -0 -> +0 is changed under ``bitwise`` (the bits differ) and unchanged under
+  ``abs``/``rel``/``paper`` (Δ = 0).
 * Subnormals are ordinary values: bf16/f16 subnormals convert exactly to float32, and the
   arithmetic runs with gradual underflow (the process must not have enabled
   ``torch.set_flush_denormal(True)``).
 
 Implementation: :func:`compare` dispatches to the kernels of
 :mod:`rlsparsity.analysis.criteria_kernels` (numpy on CPU, so bf16/float32 never import
-torch; a fused numba kernel for bf16 counts; torch for tensors on other devices), which
-give the same counts bit for bit.
+torch; torch for tensors on other devices) and :mod:`rlsparsity.analysis.criteria_numba`
+(a fused numba kernel for bf16 counts), which give the same counts bit for bit.
 """
 
 from __future__ import annotations
@@ -54,6 +80,7 @@ from typing import Any, Literal
 import numpy as np
 
 from rlsparsity.analysis import criteria_kernels as kernels
+from rlsparsity.analysis import criteria_numba
 from rlsparsity.analysis.criteria_kernels import (
     STORAGE,
     TORCH_CONVERTED,
@@ -62,7 +89,8 @@ from rlsparsity.analysis.criteria_kernels import (
     dtype_name,
 )
 
-Mode = Literal["bitwise", "abs", "rel"]
+Mode = Literal["bitwise", "abs", "rel", "paper"]
+_TOL_MODES = ("abs", "rel", "paper")
 
 
 class CriterionError(ValueError):
@@ -70,12 +98,13 @@ class CriterionError(ValueError):
 
 
 def _fmt_tol(tol: float) -> str:
-    """Shortest round-tripping text for a tolerance, with a plain exponent (1e-05 -> 1e-5)."""
+    """Shortest round-tripping text for a tolerance, with a plain exponent and no ``.0``
+    (1e-05 -> 1e-5, 0.0 -> 0, 2.0 -> 2): the spelling users type, used as the JSON key."""
     text = repr(float(tol))
     if "e" in text:
         mant, exp = text.split("e")
-        text = f"{mant.removesuffix('.0')}e{int(exp)}"
-    return text
+        return f"{mant.removesuffix('.0')}e{int(exp)}"
+    return text.removesuffix(".0")
 
 
 @dataclass(frozen=True)
@@ -89,9 +118,11 @@ class Criterion:
         if self.mode == "bitwise":
             if self.tol is not None:
                 raise CriterionError("bitwise takes no tolerance")
-        elif self.mode in ("abs", "rel"):
+        elif self.mode in _TOL_MODES:
             if self.tol is None or not math.isfinite(self.tol) or self.tol < 0:
                 raise CriterionError(f"{self.mode}: tolerance must be a finite number >= 0, got {self.tol!r}")
+            # One spelling and one JSON key per value: 0 / -0.0 / 0.0 are all "0".
+            object.__setattr__(self, "tol", float(self.tol) + 0.0)
         else:
             raise CriterionError(f"unknown criterion mode {self.mode!r}")
 
@@ -99,12 +130,23 @@ class Criterion:
         return "bitwise" if self.mode == "bitwise" else f"{self.mode}:{_fmt_tol(self.tol)}"
 
     def to_meta(self) -> dict[str, Any]:
-        """The ``criterion`` entry of a mask file's metadata."""
-        return {"mode": self.mode, "tol": self.tol, "spec": str(self)}
+        """The ``criterion`` entry of a mask file's metadata (``paper`` adds the bf16
+        tolerance its comparison really uses)."""
+        meta: dict[str, Any] = {"mode": self.mode, "tol": self.tol, "spec": str(self)}
+        if self.mode == "paper":
+            meta["atol_bf16"] = float(self.threshold(np.dtype(np.float32)))
+        return meta
 
     def threshold(self, dtype: np.dtype) -> np.generic:
-        """The scalar |Δ| (abs) or the factor (rel) is compared against, in ``dtype``."""
+        """The scalar |Δ| (abs) or the factor (rel) is compared against, in ``dtype``.
+
+        ``paper``: the bf16 bound of its |Δ| (as a float32 whatever ``dtype``):
+        bf16(float32(TOL)), as ``torch.isclose`` computes its allowed error on a bf16
+        tensor, capped at the largest finite bf16 (an infinite bound still leaves ±inf
+        Δ "not close", by isclose's finiteness test)."""
         assert self.tol is not None
+        if self.mode == "paper":
+            return kernels.paper_bound(self.tol)
         t = dtype.type(self.tol)
         if self.mode == "abs" and float(t) > self.tol:
             # Largest representable value <= TOL: for any representable |Δ|,
@@ -116,14 +158,14 @@ class Criterion:
 BITWISE = Criterion("bitwise")
 DEFAULT_CRITERIA: tuple[Criterion, ...] = (BITWISE, Criterion("abs", 1e-5))
 
-_SPEC = re.compile(r"^\s*(bitwise|abs|rel)\s*(?::\s*(.*))?$", re.IGNORECASE)
+_SPEC = re.compile(r"^\s*(bitwise|abs|rel|paper)\s*(?::\s*(.*))?$", re.IGNORECASE)
 
 
 def parse_criteria(specs: str | Iterable[str]) -> list[Criterion]:
     """Parse criterion strings. ``"abs:1e-8,1e-7"`` gives two criteria; duplicates are dropped.
 
-    >>> [str(c) for c in parse_criteria(["bitwise", "abs:1e-8,1e-5", "rel:1e-3"])]
-    ['bitwise', 'abs:1e-8', 'abs:1e-5', 'rel:0.001']
+    >>> [str(c) for c in parse_criteria(["bitwise", "abs:1e-8,1e-5", "rel:1e-3", "paper:0"])]
+    ['bitwise', 'abs:1e-8', 'abs:1e-5', 'rel:0.001', 'paper:0']
     """
     if isinstance(specs, str):
         specs = [specs]
@@ -132,7 +174,8 @@ def parse_criteria(specs: str | Iterable[str]) -> list[Criterion]:
         m = _SPEC.match(spec)
         if not m:
             raise CriterionError(
-                f"bad criterion {spec!r}: expected 'bitwise', 'abs:TOL[,TOL...]' or 'rel:TOL[,TOL...]'"
+                f"bad criterion {spec!r}: expected 'bitwise', 'abs:TOL[,TOL...]', 'rel:TOL[,TOL...]' "
+                "or 'paper:TOL[,TOL...]'"
             )
         mode, rest = m.group(1).lower(), m.group(2)
         if mode == "bitwise":
@@ -156,7 +199,7 @@ def parse_criteria(specs: str | Iterable[str]) -> list[Criterion]:
 
 
 def parse_criterion(spec: str) -> Criterion:
-    """Parse exactly one criterion (``"bitwise"``, ``"abs:1e-5"``, ``"rel:1e-3"``)."""
+    """Parse exactly one criterion (``"bitwise"``, ``"abs:1e-5"``, ``"rel:1e-3"``, ``"paper:1e-5"``)."""
     found = parse_criteria(spec)
     if len(found) != 1:
         raise CriterionError(f"{spec!r} names {len(found)} criteria; use parse_criteria for lists")
@@ -202,19 +245,19 @@ def compare(
         raise ValueError(f"compare: {ra.size} vs {rb.size} elements")
     if backend in ("auto", "numba"):
         fast = na == nb == "bfloat16" and not masks
-        kern = kernels.numba_kernel() if (fast or backend == "numba") else None
+        kern = criteria_numba.numba_kernel() if (fast or backend == "numba") else None
         if backend == "numba" and kern is None:
             raise ValueError("the numba kernel is not available (numba missing or RLSPARSITY_NUMBA=0)")
         if backend == "numba" and not fast:
             raise ValueError("the numba kernel counts bf16 pairs without masks only")
         if kern is not None:
-            return kernels.compare_numba(kern, ra, rb, criteria)
+            return criteria_numba.compare_numba(kern, ra, rb, criteria)
     return kernels.compare_numpy(ra, na, rb, nb, criteria, masks, packed)
 
 
 def numba_available() -> bool:
     """Whether the fused numba kernel is in use for bf16 counts (imports numba: ~0.3 s once)."""
-    return kernels.numba_kernel() is not None
+    return criteria_numba.numba_kernel() is not None
 
 
 __all__ = [

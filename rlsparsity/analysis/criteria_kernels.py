@@ -1,16 +1,20 @@
 """The counting kernels behind :func:`rlsparsity.analysis.criteria.compare`, and the dtype
 rules they share.
 
-The criteria's definitions (what ``bitwise``, ``abs:TOL`` and ``rel:TOL`` count, and the
-NaN/±0/subnormal rules) are stated in :mod:`rlsparsity.analysis.criteria`; here are three
-implementations of them that give the same counts:
+The criteria's definitions (what ``bitwise``, ``abs:TOL``, ``rel:TOL`` and ``paper:TOL``
+count, and the NaN/±0/subnormal rules) are stated in :mod:`rlsparsity.analysis.criteria`;
+here are two of the three implementations of them that give the same counts:
 
 - :func:`compare_numpy`: a blocked numpy kernel on CPU data (bf16 is widened to float32 by
   a 16-bit shift, exact), so ``rlsparsity diff`` on bf16/float32 checkpoints never imports
   torch. float16 and float8 are converted with torch (imported on first use; numpy's
   float16 cast is about 10x slower here).
-- :func:`compare_numba`: the fused numba kernel for bf16 pairs; counts only, no masks.
 - :func:`compare_torch`: whole-tensor torch ops, for tensors on other devices.
+
+The third, the fused numba kernel for bf16 counts, is in
+:mod:`rlsparsity.analysis.criteria_numba`. All three round to bf16 for ``paper`` with the
+same integer arithmetic on float32 bits (:func:`bf16_round`, :func:`paper_key_bound`),
+which is torch's own float32 -> bf16 rounding (round to nearest even).
 """
 
 from __future__ import annotations
@@ -57,8 +61,9 @@ class Comparison:
     counts: list[int]
     numel: int
     bitwise_dtype: str  # dtype whose bits were compared
-    compute_dtype: str  # dtype of Δ for abs/rel
+    compute_dtype: str  # dtype of Δ for abs/rel (paper's Δ is always bf16)
     masks: dict[int, np.ndarray] = field(default_factory=dict)  # criterion index -> mask
+    kernel: str = "numpy"  # the kernel that ran: "numpy", "numba" or "torch"
 
 
 def dtype_name(dtype: Any) -> str:
@@ -165,6 +170,82 @@ def _to_float(raw: np.ndarray, name: str, comp: str, slot: str) -> np.ndarray:
     return out
 
 
+# ----------------------------------------------------------------------------- bf16 rounding (paper)
+
+# Largest finite bf16 (bits 0x7F7F) and the float32 bits of +inf.
+BF16_MAX = float.fromhex("0x1.fep127")
+_F32_INF_BITS = 0x7F800000
+
+
+def bf16_round(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``x`` rounded to the nearest bf16 (ties to even), as float32 values in ``out``:
+    torch's float32 -> bf16 conversion. Overflow gives ±inf; NaN stays NaN.
+
+    Round to nearest even on the bits: add 0x7FFF plus the lowest kept bit, then drop the
+    low 16 bits. A carry out of the mantissa correctly bumps the exponent (up to inf); only
+    NaN payloads can carry into the sign bit, so NaNs are copied back afterwards.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    out = np.empty_like(x) if out is None else out
+    u, r = x.view(np.uint32), out.view(np.uint32)
+    np.right_shift(u, 16, out=r)
+    np.bitwise_and(r, 1, out=r)
+    np.add(r, u, out=r)
+    np.add(r, 0x7FFF, out=r)
+    np.bitwise_and(r, 0xFFFF0000, out=r)
+    if x.size and np.isnan(np.min(x)):  # min propagates NaN: one cheap pass
+        np.copyto(out, x, where=np.isnan(x))
+    return out
+
+
+def paper_bound(tol: float) -> np.float32:
+    """paper:TOL's bound on |Δ|: the bf16 that ``torch.isclose(Δ, 0, atol=TOL)`` compares a bf16
+    Δ against. Its allowed error ``atol + |rtol · 0|`` is computed in bf16 with the scalar
+    taken as float32 (CPU kernels' opmath), so it is bf16(float32(TOL)), double rounding
+    included; capped at the largest finite bf16, since an infinite bound still leaves ±inf
+    Δ "not close" (isclose's finiteness test)."""
+    with np.errstate(over="ignore"):
+        t = np.array([tol], dtype=np.float32)  # round to nearest; overflow -> inf
+    return np.float32(min(float(bf16_round(t)[0]), BF16_MAX))
+
+
+def paper_key_bound(bound: np.floating) -> int:
+    """K such that, for the float32 bits u of any |Δ| (NaN included; sign bit clear),
+    bf16(|Δ|) > ``bound``  <=>  u + bit16(u) > K.
+
+    bf16(|Δ|) has bits (u + 0x7FFF + bit16(u)) >> 16 (round to nearest even; NaN and inf
+    give 0x7F80 or more, above every finite bound, so no NaN check is needed). With T the
+    bits of ``bound``: that is > T iff u + 0x7FFF + bit16(u) >= (T + 1) << 16, i.e.
+    u + bit16(u) > ((T + 1) << 16) - 0x8000. One add and one compare per element and
+    tolerance; u + bit16(u) <= 0x80000000, so uint32 does not wrap.
+    """
+    t = int(np.float32(bound).view(np.uint32)) >> 16
+    assert t <= 0x7F7F, "the paper bound is a finite bf16"
+    return ((t + 1) << 16) - 0x8000
+
+
+def _paper_keys(
+    ra: np.ndarray, na: str, rb: np.ndarray, nb: str, fa: np.ndarray | None, fb: np.ndarray | None, comp_dt: str, k: int
+) -> np.ndarray:
+    """u + bit16(u) (uint32) for u the float32 bits of |bf16(b) − bf16(a)| of one block, to
+    compare against :func:`paper_key_bound`. ``fa``/``fb``: the block in the compute dtype
+    (reused when that is float32; they are not modified)."""
+    sides = []
+    for raw, name, f, slot in ((ra, na, fa, "pa"), (rb, nb, fb, "pb")):
+        # to float32 (round to nearest for float64/int), then to bf16: torch's .to(bfloat16).
+        f32 = f if (f is not None and comp_dt == "float32") else _to_float(raw, name, "float32", slot)
+        sides.append(f32 if name == "bfloat16" else bf16_round(f32, _ws.get(slot + "16", np.float32, k)))
+    d = _ws.get("pd", np.float32, k)
+    np.subtract(sides[1], sides[0], out=d)  # float32, rounded to nearest: torch's bf16 sub
+    np.abs(d, out=d)  # clears the sign bit, NaN's too
+    key = d.view(np.uint32)
+    low = _ws.get("pl", np.uint32, k)
+    np.right_shift(key, 16, out=low)
+    np.bitwise_and(low, 1, out=low)
+    np.add(key, low, out=key)
+    return key
+
+
 # ----------------------------------------------------------------------------- numpy kernel
 
 
@@ -182,24 +263,28 @@ def compare_numpy(
     n = ra.size
     bits_dt, comp_dt = common_dtypes(na, nb)
     np_comp = np.dtype(comp_dt)
-    thresholds = [c.threshold(np_comp) if c.mode != "bitwise" else None for c in criteria]
-    need_float = any(c.mode != "bitwise" for c in criteria)
-    need_rel = any(c.mode == "rel" for c in criteria)
-    same = na == nb
+    thresholds: list[Any] = [
+        None if c.mode == "bitwise" else paper_key_bound(c.threshold(np_comp)) if c.mode == "paper" else c.threshold(np_comp)
+        for c in criteria
+    ]
     out_masks = {i: np.zeros((n + 7) // 8 if packed else n, dtype=np.uint8 if packed else bool) for i in want}
     counts = [0] * len(criteria)
-    # NaN/inf/overflow in Δ are expected and handled by the `bad` fix-up: no warnings.
+    # NaN/inf/overflow in Δ (and float64 -> float32 overflow for paper) are expected and
+    # handled by the `bad` fix-up or the paper bound: no warnings.
     with np.errstate(invalid="ignore", over="ignore"):
-        _blocks(ra, na, rb, nb, criteria, thresholds, need_float, need_rel, same, comp_dt, counts, out_masks, packed)
+        _blocks(ra, na, rb, nb, criteria, thresholds, comp_dt, counts, out_masks, packed)
     return Comparison(counts=counts, numel=n, bitwise_dtype=bits_dt, compute_dtype=comp_dt, masks=out_masks)
 
 
 def _blocks(
     ra: np.ndarray, na: str, rb: np.ndarray, nb: str, criteria: list[Criterion], thresholds: list[Any],
-    need_float: bool, need_rel: bool, same: bool, comp_dt: str, counts: list[int],
-    out_masks: dict[int, np.ndarray], packed: bool,
+    comp_dt: str, counts: list[int], out_masks: dict[int, np.ndarray], packed: bool,
 ) -> None:
     n = ra.size
+    need_absrel = any(c.mode in ("abs", "rel") for c in criteria)
+    need_rel = any(c.mode == "rel" for c in criteria)
+    need_paper = any(c.mode == "paper" for c in criteria)
+    same = na == nb
     if same:
         ia, ib = ra.view(_UINT[ra.itemsize]), rb.view(_UINT[rb.itemsize])
     for s in range(0, n, BLOCK_ELEMS):  # BLOCK_ELEMS is a multiple of 8: packed blocks align
@@ -216,12 +301,17 @@ def _blocks(
             fb = _to_float(rb[s:e], nb, comp_dt, "fb")
             np.not_equal(fa.view(_UINT[fa.itemsize]), fb.view(_UINT[fb.itemsize]), out=ne)
         n_bits = int(np.count_nonzero(ne))
-        if n_bits == 0:
-            continue  # abs/rel changes are a subset of bitwise changes: nothing to do
-        if need_float:
-            if fa is None:
-                fa = _to_float(ra[s:e], na, comp_dt, "fa")
-                fb = _to_float(rb[s:e], nb, comp_dt, "fb")
+        # abs/rel changes are a subset of bitwise changes: an identical block has none. paper
+        # can still count identical NaN/inf (its Δ is NaN) or float32 values past bf16's range.
+        only_paper = n_bits == 0
+        if only_paper and not need_paper:
+            continue
+        if fa is None and (need_paper or need_absrel):
+            fa = _to_float(ra[s:e], na, comp_dt, "fa")
+            fb = _to_float(rb[s:e], nb, comp_dt, "fb")
+        if need_paper:  # before Δ overwrites fb below
+            keys = _paper_keys(ra[s:e], na, rb[s:e], nb, fa, fb, comp_dt, k)
+        if need_absrel and not only_paper:
             if need_rel:
                 rn = _ws.get("r", comp_dt, k)
                 rhs = _ws.get("rhs", comp_dt, k)
@@ -235,8 +325,13 @@ def _blocks(
             if not np.isfinite(np.max(dn)):  # max propagates NaN: one cheap pass
                 bad = ~np.isfinite(dn)
         for i, (c, thr) in enumerate(zip(criteria, thresholds, strict=True)):
+            if only_paper and c.mode != "paper":
+                continue  # counts 0, mask already all False
             if c.mode == "bitwise":
                 m, cnt = ne, n_bits
+            elif c.mode == "paper":
+                np.greater(keys, thr, out=tmp)
+                m, cnt = tmp, int(np.count_nonzero(tmp))
             else:
                 if c.mode == "abs":
                     np.greater(dn, thr, out=tmp)
@@ -252,105 +347,6 @@ def _blocks(
                     out_masks[i][s // 8 : (e + 7) // 8] = np.packbits(m, bitorder="little")
                 else:
                     out_masks[i][s:e] = m
-
-
-# ----------------------------------------------------------------------------- numba kernel
-
-# Elements per pass: each criterion runs over one stretch while it is in L1/L2.
-_NB_STRETCH = 1 << 14
-_u16_to_f32: Any = None  # bf16 bits -> float32 (16-bit shift + bitcast), set before compiling
-
-
-def _bf16_counts(a, b, thr_abs, thr_rel, counts):  # pragma: no cover - compiled by numba
-    """counts[0] += bits differ; counts[1 + k] += abs:thr_abs[k]; counts[1 + K + k] += rel:thr_rel[k].
-
-    ``a``, ``b``: bf16 bits (uint16). The definitions of the numpy kernel, branch-free so
-    that LLVM vectorises them, with no floating-point reassociation (fastmath off):
-    Δ = |fb - fa| in float32; abs: changed iff bits differ and not Δ <= thr (so NaN/inf Δ
-    gives "bits differ"); rel: changed iff bits differ and (Δ not finite or
-    Δ > thr * max(|fa|, |fb|)). Bit-identical elements are unchanged under every criterion.
-    """
-    n = a.shape[0]
-    n_abs = thr_abs.shape[0]
-    n_rel = thr_rel.shape[0]
-    inf = np.float32(np.inf)
-    for s in range(0, n, _NB_STRETCH):
-        m = min(n - s, _NB_STRETCH)
-        x = a[s : s + m]
-        y = b[s : s + m]
-        c = 0
-        for i in range(m):
-            c += x[i] != y[i]
-        counts[0] += c
-        if c == 0:
-            continue  # abs/rel changes are a subset of bitwise changes
-        for k in range(n_abs):
-            t = thr_abs[k]
-            c = 0
-            for i in range(m):
-                d = abs(_u16_to_f32(y[i]) - _u16_to_f32(x[i]))
-                c += (x[i] != y[i]) & (not (d <= t))
-            counts[1 + k] += c
-        for k in range(n_rel):
-            t = thr_rel[k]
-            c = 0
-            for i in range(m):
-                fa = _u16_to_f32(x[i])
-                fb = _u16_to_f32(y[i])
-                d = abs(fb - fa)
-                r = max(abs(fa), abs(fb)) * t
-                c += (x[i] != y[i]) & ((not (d < inf)) | (d > r))
-            counts[1 + n_abs + k] += c
-
-
-def _build_numba_kernel() -> Any:
-    global _u16_to_f32
-    from numba import types
-    from numba.extending import intrinsic
-
-    from rlsparsity.numba_jit import njit
-
-    @intrinsic
-    def u16_to_f32(typingctx, x):  # noqa: ARG001
-        def codegen(context, builder, signature, args):  # noqa: ARG001
-            wide = builder.shl(builder.zext(args[0], context.get_value_type(types.uint32)), context.get_constant(types.uint32, 16))
-            return builder.bitcast(wide, context.get_value_type(types.float32))
-
-        return types.float32(types.uint16), codegen
-
-    _u16_to_f32 = u16_to_f32
-    kern = njit(_bf16_counts)
-    z16 = np.zeros(2, dtype=np.uint16)
-    kern(z16, z16, np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros(3, np.int64))
-    return kern
-
-
-def numba_kernel() -> Any:
-    """The compiled :func:`_bf16_counts`, or None (numba missing, disabled, or failing)."""
-    from rlsparsity.numba_jit import compiled
-
-    return compiled("bf16 diff", _build_numba_kernel)
-
-
-def compare_numba(kern: Any, ra: np.ndarray, rb: np.ndarray, criteria: list[Criterion]) -> Comparison:
-    """Counts of a bf16 pair (raw uint16 bits ``ra``, ``rb``) with the compiled kernel ``kern``
-    (from :func:`numba_kernel`); no masks."""
-    f32 = np.dtype(np.float32)
-    idx_abs = [i for i, c in enumerate(criteria) if c.mode == "abs"]
-    idx_rel = [i for i, c in enumerate(criteria) if c.mode == "rel"]
-    thr_abs = np.array([criteria[i].threshold(f32) for i in idx_abs], dtype=np.float32)
-    thr_rel = np.array([criteria[i].threshold(f32) for i in idx_rel], dtype=np.float32)
-    out = np.zeros(1 + len(idx_abs) + len(idx_rel), dtype=np.int64)
-    kern(ra.view(np.uint16), rb.view(np.uint16), thr_abs, thr_rel, out)
-    counts = [0] * len(criteria)
-    for i, c in enumerate(criteria):
-        if c.mode == "bitwise":
-            counts[i] = int(out[0])
-    for k, i in enumerate(idx_abs):
-        counts[i] = int(out[1 + k])
-    for k, i in enumerate(idx_rel):
-        counts[i] = int(out[1 + len(idx_abs) + k])
-    return Comparison(counts=counts, numel=ra.size, bitwise_dtype="bfloat16", compute_dtype="float32")
 
 
 # ----------------------------------------------------------------------------- torch
@@ -372,10 +368,18 @@ def compare_torch(a: Any, b: Any, criteria: list[Criterion], want: Sequence[int]
     np_comp = np.dtype(comp_dt)
     counts: list[int] = []
     out_masks: dict[int, np.ndarray] = {}
-    fa = fb = d = bad = r = None
+    fa = fb = d = bad = r = d16 = None
     for i, c in enumerate(criteria):
         if c.mode == "bitwise":
             m = ne
+        elif c.mode == "paper":
+            if d16 is None:
+                # The script's arithmetic, spelled out so it is the same on every device: each
+                # side to float32 (round to nearest) then bf16, Δ in float32 rounded to bf16.
+                ga, gb = (t.to(torch.float32).to(torch.bfloat16).float() for t in (ta, tb))
+                d16 = (gb - ga).to(torch.bfloat16).float().abs()
+            # NaN and ±inf Δ are not <= a finite bound: changed, as with torch.isclose.
+            m = ~(d16 <= float(c.threshold(np_comp)))
         else:
             if d is None:
                 fa, fb = ta.to(tcomp), tb.to(tcomp)
@@ -393,5 +397,7 @@ def compare_torch(a: Any, b: Any, criteria: list[Criterion], want: Sequence[int]
         if i in want:
             mn = m.cpu().numpy()
             out_masks[i] = np.packbits(mn, bitorder="little") if packed else mn
-    return Comparison(counts=counts, numel=ta.numel(), bitwise_dtype=bits_dt, compute_dtype=comp_dt, masks=out_masks)
+    return Comparison(
+        counts=counts, numel=ta.numel(), bitwise_dtype=bits_dt, compute_dtype=comp_dt, masks=out_masks, kernel="torch"
+    )
 

@@ -10,8 +10,8 @@ What is counted
     norms, buffers -- every named tensor stored in the checkpoint, each once. Excluded
     tensors (``--allow-mismatch``) are not in n and are listed with their reason.
     ``changed`` per criterion follows :mod:`rlsparsity.analysis.criteria` (``bitwise``,
-    ``abs:TOL``, ``rel:TOL``; NaN/±0/subnormal rules are stated there), and
-    sparsity = 1 − changed / n.
+    ``abs:TOL``, ``rel:TOL``, and ``paper:TOL``, the paper script's bf16 arithmetic;
+    NaN/±0/subnormal rules are stated there), and sparsity = 1 − changed / n.
 
 Mismatches
     A tensor whose shapes differ, or that exists on one side only, stops the diff with an

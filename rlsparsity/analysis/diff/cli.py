@@ -1,7 +1,7 @@
 """``rlsparsity diff BASE TUNED``: update sparsity of a checkpoint pair, streamed and exact.
 
 rlsparsity diff allenai/Llama-3.1-Tulu-3-8B-SFT allenai/Llama-3.1-Tulu-3-8B-DPO
-rlsparsity diff ./sft ./rl -c bitwise -c abs:1e-8,1e-7,1e-6,1e-5 --per-layer --json out.json
+rlsparsity diff ./sft ./rl -c bitwise -c paper:1e-8,1e-7,1e-6,1e-5 --per-layer --json out.json
 """
 
 from __future__ import annotations
@@ -37,11 +37,19 @@ def add_parser(subparsers: Any) -> None:
         ),
         epilog=(
             "Criteria: 'bitwise' = stored bits differ (sides whose dtypes differ are compared "
-            "in float32, or float64 for 64-bit data); 'abs:TOL' = |t1 - t0| > TOL in float32, the paper's "
-            "criterion (abs:1e-8,1e-7,1e-6,1e-5 gives Table 6); 'rel:TOL' = |d| > TOL * "
-            "max(|t0|, |t1|). Identical bits are never changed; NaN/inf compare by bits. "
+            "in float32, or float64 for 64-bit data). 'abs:TOL' = |t1 - t0| > TOL exactly: the "
+            "difference in float32 (float64 for 64-bit data), TOL as a real number. "
+            "'paper:TOL' = the arithmetic of the paper's check_sparsity.py, to the element: both "
+            "sides rounded to bf16 (as its torch_dtype=bfloat16 loading does), the difference "
+            "rounded to bf16, and changed iff not torch.isclose(d, 0, atol=TOL) in bf16, whose "
+            "tolerance is itself rounded to bf16 (1e-5 -> 1.001358e-5); NaN/inf weights count "
+            "as changed. It differs from abs:TOL by those roundings and the NaN/inf rule (up to "
+            "about 0.01 points of sparsity on real pairs); use it to match the paper's Tables 1 "
+            "and 6: -c paper:1e-8,1e-7,1e-6,1e-5. 'rel:TOL' = |d| > TOL * max(|t0|, |t1|). "
+            "-0 vs +0 is unchanged under abs, rel and paper. Identical bits are never changed "
+            "under abs/rel; there NaN/inf compare by bits. "
             "Example: rlsparsity diff allenai/Llama-3.1-Tulu-3-8B-SFT "
-            "allenai/Llama-3.1-Tulu-3-8B-DPO  (the paper reports 81.4 % sparsity at abs:1e-5)"
+            "allenai/Llama-3.1-Tulu-3-8B-DPO -c paper:1e-5  (the paper reports 81.4 % sparsity)"
         ),
     )
     p.add_argument("base", help="base/SFT side: model directory, .safetensors file, or hub id")
@@ -64,8 +72,9 @@ def add_parser(subparsers: Any) -> None:
         action="append",
         dest="criteria",
         metavar="SPEC",
-        help="bitwise | abs:TOL[,TOL...] | rel:TOL[,TOL...]; repeatable, all computed in one "
-        f"pass; the first one is the mask's (default: {' '.join(str(c) for c in DEFAULT_CRITERIA)})",
+        help="bitwise | abs:TOL[,TOL...] | rel:TOL[,TOL...] | paper:TOL[,TOL...]; repeatable, all "
+        "computed in one pass; the first one is the mask's "
+        f"(default: {' '.join(str(c) for c in DEFAULT_CRITERIA)})",
     )
     g.add_argument("--rank", action="store_true", help="also compute the update rank of every 2-D matrix (Table 2)")
     g.add_argument(

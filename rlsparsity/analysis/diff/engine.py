@@ -67,6 +67,7 @@ class _Out:
     digests_b: list[bytes] | None
     nbytes: int
     dtypes: tuple[str, str] | None
+    kernel: str | None = None  # the counting kernel that ran (Comparison.kernel)
 
 
 _tls = threading.local()
@@ -113,14 +114,15 @@ NUMBA_MIN_BYTES_PER_WORKER = float(os.environ.get("RLSPARSITY_NUMBA_MIN_BYTES", 
 
 
 def _kernel_backend(plan: Plan, workers: int, masks: bool) -> str:
-    """"numpy", or "auto" (the numba kernel, loaded now) when the bf16 work pays for numba."""
+    """"numpy", or "auto" (the numba kernel, loaded now) when the bf16 work pays for numba.
+    With "auto" only bf16 pairs run numba; the others still run numpy."""
     if masks:
         return "numpy"  # masks use the numpy kernel anyway
     bf16 = sum(
         p.base.numel * 4 for p in plan.pairs if p.base.dtype_name == p.target.dtype_name == "bfloat16"
     )
-    if bf16 < NUMBA_MIN_BYTES_PER_WORKER * workers:
-        return "numpy"
+    if bf16 == 0 or bf16 < NUMBA_MIN_BYTES_PER_WORKER * workers:
+        return "numpy"  # nothing numba could count (float32 pairs...), or too little to pay
     return "auto" if numba_available() else "numpy"
 
 
@@ -143,7 +145,7 @@ def _run_task(t: _Task, criteria: Sequence[Criterion], reader: Reader, backend: 
         masks=[0] if t.mask else (), packed=True, dtypes=(t.a.dtype_name, t.b.dtype_name), backend=backend,
     )
     bits = cmp.masks[0].tobytes() if t.mask else None
-    return _Out(*head, cmp.counts, bits, da, db, nbytes, (cmp.bitwise_dtype, cmp.compute_dtype))
+    return _Out(*head, cmp.counts, bits, da, db, nbytes, (cmp.bitwise_dtype, cmp.compute_dtype), cmp.kernel)
 
 
 # Ray: tasks are JSON-like dicts so workers need nothing but this package and the files.
@@ -279,7 +281,11 @@ def diff_checkpoints(
                 tied=plan.tied,
                 extra={
                     "tool": "rlsparsity diff",
-                    "compute_dtype": "float32 (float64 for 64-bit/int32 sources)",
+                    "compute_dtype": (
+                        "bfloat16 (both sides rounded to bf16, as check_sparsity.py loads them)"
+                        if crits[0].mode == "paper"
+                        else "float32 (float64 for 64-bit/int32 sources)"
+                    ),
                     "excluded": [e.to_dict() for e in plan.excluded],
                 },
             )
@@ -300,6 +306,7 @@ def diff_checkpoints(
         with _single_threaded_torch(needs_torch):
             results, digests = _consume(plan, crits, outs, writer, progress)
         nbytes = digests.pop("__bytes__")
+        kernels_ran = digests.pop("__kernels__")
 
         if want_hash:
             for meta, ck, side in ((base_meta, base, "a"), (target_meta, target, "b")):
@@ -342,8 +349,9 @@ def diff_checkpoints(
                 "bytes_per_s": nbytes / wall if wall > 0 else None,
                 "workers": workers,
                 "backend": "ray" if use_ray else "threads",
-                # bf16 counting kernel: "numba" (fused) or "numpy" (see _kernel_backend).
-                "kernel": "numpy" if use_ray or backend == "numpy" else "numba",
+                # The counting kernel(s) that actually ran: "numpy", "numba" (the fused bf16
+                # kernel, see _kernel_backend), both as "numba+numpy", or "none".
+                "kernel": "+".join(sorted(kernels_ran)) or "none",
                 "unit_elems": unit_elems,
             },
         )
@@ -364,10 +372,11 @@ def _consume(
     writer: Any,
     progress: Callable[[int], None] | None,
 ) -> tuple[list[TensorResult], dict[str, Any]]:
-    """Fold unit results (in task order) into per-tensor results, mask rows and digests."""
+    """Fold unit results (in task order) into per-tensor results, mask rows and digests
+    (with "__bytes__" read and the "__kernels__" that counted)."""
     keys = [str(c) for c in crits]
     results: list[TensorResult] = []
-    digests: dict[str, Any] = {"a": {}, "b": {}, "__bytes__": 0}
+    digests: dict[str, Any] = {"a": {}, "b": {}, "__bytes__": 0, "__kernels__": set()}
     cur = -1
     counts = np.zeros(len(crits), dtype=np.int64)
     bits: list[bytes] = []
@@ -396,6 +405,8 @@ def _consume(
             digests["b"].setdefault(o.name_b, []).extend(o.digests_b)
         if o.counts is None:  # hash-only unit
             continue
+        if o.kernel:
+            digests["__kernels__"].add(o.kernel)
         if o.pair != cur:
             if cur >= 0:
                 finish(cur)

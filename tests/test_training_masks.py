@@ -18,6 +18,7 @@ import torch
 
 from rlsparsity.analysis.diff.engine import diff
 from rlsparsity.analysis.drift import HIGH_EXP, LOW_EXP
+from rlsparsity.analysis.dynamics import dynamics_from_dir
 from rlsparsity.contracts.mask import read_mask
 from rlsparsity.platform.engines import HFEngine, LocalRollout
 from rlsparsity.platform.learner import Learner, LocalSink
@@ -25,7 +26,7 @@ from rlsparsity.platform.models import load_model, load_tokenizer
 from rlsparsity.platform.models.saving import save_bf16_model
 from rlsparsity.sweeps.spec import SweepSpec
 
-CRITERIA = "bitwise masters abs:1e-5 rel:1e-3"
+CRITERIA = "bitwise masters abs:1e-5 rel:1e-3 paper:1e-5"
 
 
 def _run(model_dir, out, steps=4, every=2, **training):
@@ -64,7 +65,8 @@ def test_every_bf16_criterion_equals_diff_on_the_saved_weights(fp32_run, embedde
     # θ0 as a released checkpoint holds it: the bf16 view of the model directory.
     theta0_dir = tmp_path / "theta0"
     save_bf16_model(load_model(embedded_model_dir, dtype=torch.float32), load_tokenizer(embedded_model_dir), theta0_dir)
-    for spec, folder in (("bitwise", "masks"), ("abs:1e-5", "masks/abs_1e-5"), ("rel:1e-3", "masks/rel_0.001")):
+    for spec, folder in (("bitwise", "masks"), ("abs:1e-5", "masks/abs_1e-5"), ("rel:1e-3", "masks/rel_0.001"),
+                         ("paper:1e-5", "masks/paper_1e-5")):
         result = diff(theta0_dir, out / "weights", [spec], workers=1, mask_path=tmp_path / f"{spec}.arrow")
         want = read_mask(tmp_path / f"{spec}.arrow").to_dict()
         got = read_mask(out / folder / "final.arrow")
@@ -110,6 +112,12 @@ def test_masters_and_dynamics_masks_equal_brute_force(fp32_run):
     assert summary["final/reverted_frac_of_ever"] == (n_ever - n_final) / n_ever
     assert 0 < n_final <= n_ever  # what differs from θ0 at the end changed at some step
     assert summary["final/changed_frac_masters"] == sum(int((at4[n] != theta0[n]).sum()) for n in theta0) / total
+    # `rlsparsity dynamics` on the trial's masks gives what the learner logged.
+    dyn = dynamics_from_dir(out / "masks")
+    assert dyn.steps == [2, 4]
+    assert dyn.consecutive_changed[-1] == pytest.approx(summary["final/changed_frac_since_prev"], rel=1e-14)
+    assert dyn.in_final == pytest.approx(n_final / total, rel=1e-14)
+    assert dyn.reverted_of_ever == pytest.approx(summary["final/reverted_frac_of_ever"], rel=1e-14)
 
 
 def _half_ulp(x: np.ndarray) -> np.ndarray:

@@ -104,3 +104,22 @@ def drift_png(labels: Sequence[str], since_theta0: Sequence[int], last_step: Seq
     if title:
         ax.set_title(title, fontsize=10)
     return _save(fig, path)
+
+
+def layers_by_steps_png(steps: Sequence[int], per_layer: Mapping[str, Sequence[float]], path: str | os.PathLike,
+                        *, title: str = "") -> Path:
+    """A layers × steps heatmap of sparsity (% of entries unchanged), layers top to bottom."""
+    plt = pyplot()
+    layers = sorted(per_layer, key=group_sort_key)
+    grid = np.array([[100 * v for v in per_layer[layer]] for layer in layers])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(steps) + 3), max(3.0, 0.3 * len(layers) + 1.5)),
+                           constrained_layout=True)
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=90 if len(steps) > 12 else 0, fontsize=8)
+    ax.set_yticks(range(len(layers)), layers, fontsize=8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="% unchanged")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)

@@ -48,6 +48,7 @@ class TrialSpec(Strict):
         None, description="seeds which training problems (and offline pairs) the trial draws; default: seed. "
         "Vary it apart from seed, which keeps the learner's init and the sampling, to separate data from the rest"
     )
+    variant: str | None = Field(None, description="the name of the sweep's variant this trial runs (set from `variants`)")
     plugins: tuple[str, ...] = Field(
         (), description="modules imported in every process of the sweep before its spec is validated: "
         "custom algorithms, tasks, rewards and batch sources register there"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -137,8 +138,21 @@ class SweepSpec:
             self.stages = None if stages is None else StagesSpec.model_validate(stages)
         except ValidationError as e:
             raise SpecError(_format_error(e, {}).replace("\n  ", "\n  subnetwork_stages.", 1)) from None
+        # `variants` too: named sets of overrides, one grid axis (`variant`) whose values are
+        # the names, for comparisons that are not a product of axes (GRPO with and without
+        # KL beside DPO on two kinds of pairs).
+        self.variants = _variants(raw.pop("variants", None))
         flat = flatten(raw)
         self.axes: dict[str, list[Any]] = {k: list(v) for k, v in flat.items() if isinstance(v, list)}
+        for name, overrides in self.variants.items():
+            clash = sorted(set(overrides) & (set(self.axes) | set(SWEEP_WIDE) | {"variant"}))
+            if clash:
+                raise SpecError(f"invalid sweep spec:\n  variants.{name}.{clash[0]}: a variant cannot set a grid axis "
+                                "or a sweep-wide field")
+        if self.variants:
+            if "variant" in flat:
+                raise SpecError("invalid sweep spec:\n  variant: is set by `variants`; name the variants there")
+            self.axes = {"variant": list(self.variants), **self.axes}
         for k, v in self.axes.items():
             if not v:
                 raise SpecError(f"invalid sweep spec:\n  {k}: an empty list gives an empty grid")
@@ -183,8 +197,9 @@ class SweepSpec:
         return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*self.axes.values())]
 
     def _validate(self, point: Mapping[str, Any]) -> TrialSpec:
+        variant = self.variants.get(point.get("variant"), {})
         try:
-            trial = TrialSpec.model_validate(unflatten({**self.template, **point}))
+            trial = TrialSpec.model_validate(unflatten({**self.template, **variant, **point}))
         except ValidationError as e:
             raise SpecError(_format_error(e, point)) from None
         trial._axis_label = axis_label(point)
@@ -202,11 +217,40 @@ class SweepSpec:
             out["plugins"] = list(self.plugins)
         if self.stages is not None:
             out["subnetwork_stages"] = self.stages.model_dump(mode="json")
+        if self.variants:
+            out.pop("variant")
+            out["variants"] = {k: unflatten(v) for k, v in self.variants.items()}
         return out
 
     def fingerprint(self) -> str:
         """A short hash of the whole spec: equal for equal sweeps, whatever the key order."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.+-]*$")
+
+
+def _variants(raw: Any) -> dict[str, dict[str, Any]]:
+    """`variants: {name: {field: value, ...}}` -> name -> flat overrides (scalars only)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not raw:
+        raise SpecError("invalid sweep spec:\n  variants: a mapping of names to field overrides, e.g. "
+                        "{grpo_kl: {algorithm: grpo, training.kl_coef: 0.05}}")
+    out = {}
+    for name, overrides in raw.items():
+        if not isinstance(name, str) or not _VARIANT_NAME.match(name):
+            raise SpecError(f"invalid sweep spec:\n  variants.{name}: a variant's name is lower-case letters, digits "
+                            "and _ . + - (it becomes part of trial labels)")
+        if not isinstance(overrides, Mapping):
+            raise SpecError(f"invalid sweep spec:\n  variants.{name}: expected a mapping of fields, got {overrides!r}")
+        flat = flatten(overrides)
+        for k, v in flat.items():
+            if isinstance(v, list):
+                raise SpecError(f"invalid sweep spec:\n  variants.{name}.{k}: a variant sets one value; make a grid "
+                                "axis outside the variants, or one variant per value")
+        out[name] = flat
+    return out
 
 
 # Grid axes a trial's label always shows (grpo/add/s0/d1); any other axis is appended.
@@ -217,13 +261,18 @@ def axis_label(point: Mapping[str, Any]) -> str:
     """The label part of a grid point's other axes: ``/lr=1e-05/optimizer=sgd`` (the last
     part of the dotted name, or all of it where two axes share that part)."""
     extra = [k for k in point if k not in LABELLED_AXES and not k.startswith("training.subnetwork.")]
+    if "variant" in extra:  # its name alone: grpo/add/s0/grpo_kl
+        extra.remove("variant")
+        head = f"/{point['variant']}"
+    else:
+        head = ""
     last = [k.rsplit(".", 1)[-1] for k in extra]
     out = []
     for k, short in zip(extra, last, strict=True):
         v = point[k]
         text = f"{v:g}" if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else str(v)
         out.append(f"/{short if last.count(short) == 1 else k}={text}")
-    return "".join(out)
+    return head + "".join(out)
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

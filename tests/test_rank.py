@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from rlsparsity.analysis.checkpoints import open_checkpoint
 from rlsparsity.analysis.diff import diff, plan_diff
-from rlsparsity.analysis.rank import delta_rank, skip_reason, update_rank
+from rlsparsity.analysis.rank import delta_rank, skip_reason
+from rlsparsity.analysis.rank_checkpoints import update_rank
 
 
 def _save(root: Path, tensors: dict[str, torch.Tensor]) -> Path:

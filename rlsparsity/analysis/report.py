@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rlsparsity.analysis.overlap import OverlapResult, pair_metrics, rows_to_table
+from rlsparsity.analysis.plotting import pyplot
 
 
 def _pct(x: float | None) -> str:
@@ -128,15 +129,6 @@ def print_report(
             f"{decimal(int(s.get('bytes_read', 0)))} of masks read in {s.get('seconds', 0):.2f} s "
             f"({decimal(int(s.get('bytes_per_s', 0)))}/s) by {s.get('tasks', 0)} tasks on {s.get('workers', 0)} workers[/dim]"
         )
-
-
-def pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on clusters and CI
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def heatmap_png(result: OverlapResult, path: str | os.PathLike) -> Path:

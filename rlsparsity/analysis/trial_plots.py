@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from rlsparsity.analysis.report import pyplot
+from rlsparsity.analysis.plotting import pyplot
 from rlsparsity.contracts.layers import group_sort_key
 
 

@@ -324,7 +324,8 @@ def diff_checkpoints(
 
         rank_result = None
         if rank:
-            from rlsparsity.analysis.rank import DEFAULT_MAX_DIM, update_rank
+            from rlsparsity.analysis.rank import DEFAULT_MAX_DIM
+            from rlsparsity.analysis.rank_checkpoints import update_rank
 
             rank_result = update_rank(
                 [(p.name, p.base, p.target) for p in plan.pairs],

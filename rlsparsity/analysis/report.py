@@ -13,6 +13,7 @@ from rich.table import Table
 
 from rlsparsity.analysis.overlap import OverlapResult, pair_metrics, rows_to_table
 from rlsparsity.analysis.plotting import pyplot
+from rlsparsity.analysis.tables import write_csv
 
 
 def _pct(x: float | None) -> str:
@@ -143,13 +144,15 @@ def heatmap_png(result: OverlapResult, path: str | os.PathLike) -> Path:
             m = pair_metrics(counts[i], counts[j], int(result.inter[i, j]), result.n)
             if m["jaccard"] is not None:
                 jac[i, j] = m["jaccard"]
-            if m["jaccard"] is not None and m["jaccard_random"]:
+            if m["jaccard"] is not None and m["jaccard_random"] and i != j:
+                # The diagonal (a run against itself) is left out: its ratio, 1 / J_random,
+                # would set the colour scale and flatten every real pair.
                 lift[i, j] = m["jaccard"] / m["jaccard_random"]
     size = max(6.0, min(24.0, 0.35 * n + 4))
     fig, axes = plt.subplots(1, 2, figsize=(2 * size, size), constrained_layout=True)
     panels = (
         (jac, "Jaccard |A∩B| / |A∪B|", "viridis"),
-        (lift, "Jaccard / random-set Jaccard", "magma"),
+        (lift, "Jaccard / random-set Jaccard (pairs only)", "magma"),
     )
     for ax, (mat, title, cmap) in zip(axes, panels, strict=True):
         im = ax.imshow(mat, cmap=cmap, interpolation="nearest")
@@ -230,6 +233,8 @@ def write_outputs(result: OverlapResult, out_dir: str | os.PathLike) -> dict[str
     summ = result.summary()
     if summ:
         arrow("summary.arrow", rows_to_table(summ))
+        files["summary.csv"] = write_csv(_summary_rows(summ), out / "summary.csv")
+    files["pairs.csv"] = write_csv(_pair_rows(result.pairs()), out / "pairs.csv")
     p = out / "result.json"
     p.write_text(json.dumps(result.to_json(), indent=1, default=json_default))
     files["result.json"] = p
@@ -247,3 +252,24 @@ def json_default(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return x.tolist()
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _summary_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table 4 as the MLflow UI previews it: each observed mean beside its chance value, in %."""
+    def pct(x: float | None) -> float | None:
+        return None if x is None else round(100 * x, 3)
+
+    rows = []
+    for r in summary:
+        row: dict[str, Any] = {"what differs": r["differs"], "pairs": r["pairs"]}
+        for key, name in (("o_a", "o_A"), ("o_b", "o_B"), ("jaccard", "Jaccard")):
+            row[f"{name} %"], row[f"{name} chance %"] = pct(r[f"mean_{key}"]), pct(r[f"mean_{key}_random"])
+        row["sparsity A %"], row["sparsity B %"] = pct(r["mean_sparsity_a"]), pct(r["mean_sparsity_b"])
+        rows.append(row)
+    return rows
+
+
+def _pair_rows(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = ("a", "b", "size_a", "size_b", "intersection", "o_a", "o_a_random", "o_b", "o_b_random",
+            "jaccard", "jaccard_random")
+    return [{k: p[k] for k in keys} for p in pairs]

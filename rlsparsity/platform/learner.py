@@ -33,6 +33,7 @@ from transformers import (
 
 from rlsparsity.analysis.drift import Drift, DriftHistogram
 from rlsparsity.analysis.rank import final_update_rank
+from rlsparsity.analysis.tables import write_csv
 from rlsparsity.analysis.trial_plots import drift_png, layer_matrix_png, over_steps_png
 from rlsparsity.contracts.layers import layer_of, matrix_type
 from rlsparsity.contracts.mlflow_layout import (
@@ -56,7 +57,7 @@ from rlsparsity.platform.evaluation import (
     served_accuracy,
 )
 from rlsparsity.platform.learner_state import LearnerParts, load_state, save_state
-from rlsparsity.platform.mask_recorder import MaskRecorder, Recorded, write_table
+from rlsparsity.platform.mask_recorder import MaskRecorder, Recorded
 from rlsparsity.platform.models import load_model, load_tokenizer
 from rlsparsity.platform.models.saving import save_bf16_model, write_manifest
 from rlsparsity.platform.sources import StepContext, formatted, get_source
@@ -369,8 +370,7 @@ class Learner:
             drift.add(self.recorder.base_bf16[name], before[name], p.detach())
         self.last_drift = drift
         stem = Path(mask_file_name(None if step == self.spec.training.steps else step)).stem
-        (workdir / DRIFT_DIR).mkdir(exist_ok=True)
-        table = write_table(drift.table_rows(), workdir / DRIFT_DIR / f"{stem}.csv")
+        table = write_csv(drift.table_rows(), workdir / DRIFT_DIR / f"{stem}.csv")
         png = drift_png(DriftHistogram.labels(), [drift.since_theta0.zero, *drift.since_theta0.bins],
                         [drift.last_step.zero, *drift.last_step.bins], workdir / DRIFT_DIR / f"{stem}.png",
                         title=f"{self.spec.label}, step {step}: distance from changing the bf16 view")

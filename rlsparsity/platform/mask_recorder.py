@@ -14,7 +14,6 @@ series), which the MLflow UI previews as a table.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from rlsparsity.analysis.criteria import BITWISE, compare, dtype_name
+from rlsparsity.analysis.tables import write_csv
 from rlsparsity.contracts.layers import group_sort_key, layer_of, matrix_type
 from rlsparsity.contracts.mask import MaskWriter
 from rlsparsity.contracts.mlflow_layout import BF16_SLUG, EVER, SINCE_PREV, mask_dir, mask_file_name
@@ -88,6 +88,8 @@ class Recorded:
         for layer, (c, n) in bf16.grouped(layer_of).items():
             key = f"layer.{int(layer):02d}" if layer.isdigit() else layer
             out[f"{prefix}sparsity/{key}"] = 1.0 - c / n
+        for matrix, (c, n) in bf16.grouped(matrix_type).items():
+            out[f"{prefix}sparsity/matrix.{matrix}"] = 1.0 - c / n
         if EVER in self.series and self.series[EVER].total_changed:
             # Ever-changed entries whose bf16 view is back at θ0's (the paper's 8.5 %).
             ever = self.series[EVER].total_changed
@@ -114,14 +116,6 @@ class Recorded:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Recorded:
         return cls(int(d["step"]), {k: SeriesStats.from_json(s) for k, s in d["series"].items()})
-
-
-def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 class MaskRecorder:
@@ -199,7 +193,7 @@ class MaskRecorder:
             raise
         recorded = Recorded(step, stats)
         table = workdir / mask_dir() / f"{Path(name).stem}.csv"
-        files.append((write_table(recorded.table_rows(), table), mask_dir()))
+        files.append((write_csv(recorded.table_rows(), table), mask_dir()))
         return recorded, files
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -260,7 +260,10 @@ def _run_grid(spec: SweepSpec, tracker: Tracker, result: SweepResult, console: C
         if r.error or not metrics.get(COMPLETE_KEY):
             result.failed.append(f"{label}: {_error_text(r.error)}")
         else:
-            result.trials.append({"label": label, **spec.trial(point).model_dump(include={"seed", "data_seed", "dataset", "algorithm"}), **metrics})
+            trial = spec.trial(point)
+            result.trials.append({"label": label, **trial.model_dump(include={"seed", "data_seed", "dataset", "algorithm"}),
+                                  "setting": trial.label.removeprefix(_base_label(trial)).lstrip("/"),
+                                  "loss_type": getattr(trial.algo_config, "loss_type", None), **metrics})
     print_summary(result, console)
     if not result.failed and first.analysis and len(result.trials) > 1:
         from rlsparsity.analysis.job import run_overlap_analysis
@@ -371,19 +374,30 @@ def _before_after(t: dict[str, Any], key: str) -> str:
     return f"{t.get(key + '_before', float('nan')):.3f} → {t.get(key + '_after', float('nan')):.3f}"
 
 
+def _base_label(trial: Any) -> str:
+    return f"{trial.algorithm}/{trial.dataset}/s{trial.seed}" + ("" if trial.data_seed is None else f"/d{trial.data_seed}")
+
+
+def _algorithm_cell(t: dict[str, Any]) -> str:
+    # GRPO's loss aggregation defaults to TRL's (dapo); the table says which ran.
+    return t["algorithm"] + (f" ({t['loss_type']})" if t.get("loss_type") else "")
+
+
 def print_summary(result: SweepResult, console: Console) -> None:
     table = Table(title=f"sweep {result.experiment}: one row per trial (bf16 view vs θ0)")
     # Preference accuracy is what preference algorithms train; show it when the grid has one.
     pref = any(get_algorithm(t["algorithm"]).source == "pairs" for t in result.trials)
     data_seeds = any(t.get("data_seed") is not None for t in result.trials)
-    cols = ["seed", *(["data seed"] if data_seeds else []), "dataset", "algorithm", "reward first → last", "loss first → last", "test acc θ0 → final", "answer acc θ0 → final"]
+    settings = any(t.get("setting") for t in result.trials)
+    cols = ["seed", *(["data seed"] if data_seeds else []), "dataset", "algorithm", *(["setting"] if settings else []), "reward first → last", "loss first → last", "test acc θ0 → final", "answer acc θ0 → final"]
     cols += ["pref acc θ0 → final"] if pref else []
     for col in [*cols, "bf16 sparsity", "fp32 changed", "sync bytes / dense"]:
-        table.add_column(col, justify="right" if col != "algorithm" else "left")
-    for t in sorted(result.trials, key=lambda t: (t["algorithm"], t["dataset"], t["seed"], -1 if t.get("data_seed") is None else t["data_seed"])):
+        table.add_column(col, justify="right" if col not in ("algorithm", "setting") else "left")
+    for t in sorted(result.trials, key=lambda t: (t["algorithm"], t.get("setting", ""), t["dataset"], t["seed"], -1 if t.get("data_seed") is None else t["data_seed"])):
         sent, dense = t.get("sync_bytes_total", 0), t.get("sync_dense_bytes_total", 0)
         table.add_row(
-            str(t["seed"]), *([("—" if t.get("data_seed") is None else str(t["data_seed"]))] if data_seeds else []), t["dataset"], t["algorithm"],
+            str(t["seed"]), *([("—" if t.get("data_seed") is None else str(t["data_seed"]))] if data_seeds else []), t["dataset"],
+            _algorithm_cell(t), *([t.get("setting", "")] if settings else []),
             *(f"{t[f'train_{k}_first']:.3f} → {t[f'train_{k}_last']:.3f}" if f"train_{k}_first" in t else "—" for k in ("reward", "loss")),
             _before_after(t, "test_accuracy"),
             _before_after(t, "test_answer_accuracy"),

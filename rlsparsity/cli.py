@@ -108,12 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlsparsity", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_sweep(sub)
-    from rlsparsity.analysis import dynamics_cli, overlap_cli
+    from rlsparsity.analysis import dynamics_cli, overlap_cli, report_cli
     from rlsparsity.analysis.diff import cli as diff_cli
 
     diff_cli.add_parser(sub)
     overlap_cli.add_parser(sub)
     dynamics_cli.add_parser(sub)
+    report_cli.add_parser(sub)
     _add_upload(sub)
     return parser
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from rlsparsity.analysis.mlflow_runs import search_all_runs
 from rlsparsity.contracts.mlflow_layout import (
+    CLOSENESS_ARTIFACT,
     KIND_ANALYSIS,
     KIND_STUDY,
     KIND_TAG,
@@ -135,14 +136,23 @@ def gather(tracking_uri: str, experiments: Sequence[str], *, history: bool = Tru
                 ev.overlaps.append(Overlap(name, run.info.run_id, doc["run_info"], doc["pairs"],
                                            list(doc.get("meta", {}).get("factor_keys") or [])))
                 break
+        seen: set[tuple] = set()
         for run in search_all_runs(client, exp.experiment_id, f"tags.`{KIND_TAG}` = '{KIND_STUDY}' and {finished}",
                                    order_by=["attributes.start_time DESC"]):
             for child in search_all_runs(client, exp.experiment_id,
                                          f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and tags.`{KIND_TAG}` = '{KIND_ANALYSIS}'"):
-                doc = _download_json(client, child.info.run_id, "subnetwork/closeness.json")
-                if doc is not None:
-                    ev.closeness.append(Closeness(name, child.info.run_id, doc if isinstance(doc, list) else doc.get("rows", [])))
-            break
+                doc = _download_json(client, child.info.run_id, CLOSENESS_ARTIFACT)
+                rows = []
+                for row in (doc or {}).get("rows", []):
+                    # The full run's setting: two studies of one experiment may differ in lr.
+                    params = client.get_run(row["full_run_id"]).data.params
+                    row["setting"] = {k: _short(k, params.get(k, "")) for k in SETTING_KEYS}
+                    key = (tuple(row["setting"].items()), row["label"], row["kind"])
+                    if key not in seen:  # the latest study's row wins
+                        seen.add(key)
+                        rows.append(row)
+                if rows:
+                    ev.closeness.append(Closeness(name, child.info.run_id, rows))
     return ev
 
 

@@ -35,6 +35,7 @@ KIND_TRIAL: Final = "trial"
 KIND_ANALYSIS: Final = "analysis"
 KIND_DIFF: Final = "diff"
 KIND_STUDY: Final = "study"  # a staged subnetwork study; its stages' sweep runs nest under it
+KIND_REPORT: Final = "report"  # a reproduction report (`rlsparsity report`)
 
 # Tags every trial run carries besides its kind and label (the factors analyses group by).
 TRIAL_FACTOR_TAGS: Final = ("seed", "data_seed", "dataset", "algorithm", "model", "base_hash", "git_commit")
@@ -42,6 +43,8 @@ TRIAL_FACTOR_TAGS: Final = ("seed", "data_seed", "dataset", "algorithm", "model"
 # --- artifact paths
 MASK_DIR: Final = "masks"
 OVERLAP_DIR: Final = "overlap"
+CLOSENESS_ARTIFACT: Final = "subnetwork/closeness.json"  # a study's RQ2/RQ3 table
+REPORT_DIR: Final = "report"
 DIFF_DIR: Final = "diff"
 # A trial's final weights: a Hugging Face model directory (bf16 view, config, tokenizer).
 # Its manifest is uploaded last: a weights directory without one is incomplete.

@@ -22,6 +22,7 @@ from rich.table import Table
 from rlsparsity.analysis.closeness import CLOSENESS_CRITERIA, identical_shares, update_overlap
 from rlsparsity.contracts.mlflow_layout import (
     ANALYSIS_TAG,
+    CLOSENESS_ARTIFACT,
     KIND_ANALYSIS,
     KIND_STUDY,
     KIND_SWEEP,
@@ -39,8 +40,6 @@ from rlsparsity.platform.tracking import Tracker
 from rlsparsity.sweeps.interrupt import interrupt_in, signals_interrupt
 from rlsparsity.sweeps.run import SweepInterrupted, SweepResult, sweep
 from rlsparsity.sweeps.spec import SweepSpec
-
-CLOSENESS_ARTIFACT = "subnetwork/closeness.json"
 
 
 @dataclass

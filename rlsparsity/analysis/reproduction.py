@@ -271,11 +271,16 @@ def report(experiments: Sequence[str], out: str | Path, *, tracking_uri: str, co
 def _log(result: Report, ev: Evidence, tracking_uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    from rlsparsity.contracts.mlflow_layout import KIND_REPORT, KIND_TAG, REPORT_DIR
+    from rlsparsity.contracts.mlflow_layout import (
+        EXPERIMENT_KIND_TAGS,
+        KIND_REPORT,
+        KIND_TAG,
+        REPORT_DIR,
+    )
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name("reproduction")
-    exp_id = exp.experiment_id if exp else client.create_experiment("reproduction")
+    exp_id = exp.experiment_id if exp else client.create_experiment("reproduction", tags=EXPERIMENT_KIND_TAGS)
     run = client.create_run(exp_id, run_name="report " + " ".join(ev.experiments),
                             tags={KIND_TAG: KIND_REPORT, "rlsparsity.experiments": ",".join(ev.experiments)})
     ok = False

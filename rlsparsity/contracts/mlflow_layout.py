@@ -28,6 +28,9 @@ STAGE_TAG: Final = "rlsparsity.stage"  # on a study's stage sweeps: full, learne
 STAGE_KEY_TAG: Final = "rlsparsity.stage_key"  # hash of the stage's spec: a finished one is reused
 SPEC_KEY_TAG: Final = "rlsparsity.spec_key"  # on sweep runs: hash of the spec, checked by --resume
 PARENT_TAG: Final = "mlflow.parentRunId"  # MLflow's own nesting tag
+# MLflow 3's UI opens an experiment in its GenAI view unless told it holds model training:
+# every experiment the platform creates carries this tag, so runs open on metrics and artifacts.
+EXPERIMENT_KIND_TAGS: Final = {"mlflow.experimentKind": "custom_model_development"}
 
 # --- run kinds (values of KIND_TAG)
 KIND_SWEEP: Final = "sweep"

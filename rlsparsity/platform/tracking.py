@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from rlsparsity.analysis.mlflow_runs import search_all_runs
-from rlsparsity.contracts.mlflow_layout import ERROR_TAG, KIND_TAG
+from rlsparsity.contracts.mlflow_layout import ERROR_TAG, EXPERIMENT_KIND_TAGS, KIND_TAG
 from rlsparsity.platform.tracking_spool import ARTIFACTS, BATCHES, STATUS, Spool
 
 T = TypeVar("T")
@@ -134,7 +134,7 @@ class Tracker:
         if exp is not None:
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=self.artifact_location)
+            return self.client.create_experiment(name, artifact_location=self.artifact_location, tags=EXPERIMENT_KIND_TAGS)
         except MlflowException:
             # Another process created it first.
             return self._send(lambda: self.client.get_experiment_by_name(name)).experiment_id

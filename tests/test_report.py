@@ -122,7 +122,7 @@ def test_report_claims_table_on_a_hand_made_experiment(store, tmp_path):
     assert "grpo_kl 76.5 %" in kl and "**reproduced**" in kl
     assert "Experiments asked for but absent: absent." in text
     assert "- **SFT** (§1, Table 5): run `sweeps/paper/table5_causes.yaml`" in text
-    assert "| learning rate 1e-05, precision fp32, optimizer adamw | grpo/add/s0 | learned | 0.600 → 0.700 | 0.690 |" in text
+    assert "| tiny-arith, learning rate 1e-05, precision fp32, optimizer adamw | grpo/add/s0 | learned | 0.600 → 0.700 | 0.690 |" in text
     assert (tmp_path / "report" / "sparsity_by_arm.png").stat().st_size > 0
     # Logged as a report run with one verdict tag per claim.
     client = MlflowClient(store)

@@ -12,12 +12,13 @@ Rules are fixed here, before any run, and printed beside each verdict.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlsparsity.analysis.evidence import SETTING_KEYS, Evidence, Trial
+from rlsparsity.analysis.evidence import Evidence, Trial
 
 Setting = dict[str, str]
 
@@ -368,11 +369,14 @@ def evaluate(ev: Evidence, claims: Sequence[Claim] = CLAIMS) -> list[Verdict]:
     return [Verdict(c, c.measure(ev)) for c in claims]
 
 
+def model_name(model: str) -> str:
+    """embedded:tiny-arith -> tiny-arith; a cache directory -> its name without the content hash."""
+    name = model.rsplit(":", 1)[-1].rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"-[0-9a-f]{12}$", "", name)
+
+
 def setting_text(setting: Setting) -> str:
     parts = []
     for k, v in setting.items():
-        if k in SETTING_KEYS and k != "model":
-            parts.append(f"{_key_name(k)} {v}")
-        elif k != "model":
-            parts.append(f"{k} {v}")
+        parts.append(model_name(v) if k == "model" else f"{_key_name(k)} {v}")
     return ", ".join(parts)

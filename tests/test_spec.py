@@ -110,7 +110,7 @@ def test_rewards_and_batch_sources_are_checked_against_their_registries():
     from rlsparsity.platform.algorithms import ALGORITHMS, register_algorithm
     from rlsparsity.platform.tasks import REWARDS, register_reward
 
-    with pytest.raises(SpecError, match="training.reward: unknown reward 'nope'; allowed: exact, last_number"):
+    with pytest.raises(SpecError, match="training.reward: unknown reward 'nope'; allowed: boxed, exact, gsm8k, last_number"):
         SweepSpec({"training": {"reward": "nope"}})
     register_reward("always_one")(lambda text, answer: 1.0)
     register_algorithm("from_nowhere", source="nowhere")(lambda models, batch, cfg, train: None)

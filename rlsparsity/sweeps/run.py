@@ -270,7 +270,9 @@ def _run_grid(spec: SweepSpec, tracker: Tracker, result: SweepResult, console: C
         if r.error or not metrics.get(COMPLETE_KEY):
             result.failed.append(f"{label}: {_error_text(r.error)}")
         else:
-            result.trials.append({"label": label, **spec.trial(point).model_dump(include={"seed", "data_seed", "dataset", "algorithm"}), **metrics})
+            trial = spec.trial(point)
+            result.trials.append({"label": label, **trial.model_dump(include={"seed", "data_seed", "algorithm"}),
+                                  "dataset": trial.dataset_label, **metrics})
     print_summary(result, console)
     if not result.failed and first.analysis and len(result.trials) > 1:
         from rlsparsity.analysis.job import run_overlap_analysis

@@ -43,7 +43,7 @@ def trial_tags(spec: TrialSpec, ctx: dict[str, Any]) -> dict[str, Any]:
     return {
         "seed": spec.seed,
         "data_seed": spec.problem_seed,
-        "dataset": spec.dataset,
+        "dataset": spec.dataset_label,
         "algorithm": spec.algorithm,
         "model": spec.model,
         **({MODEL_REVISION_TAG: ctx["model_revision"]} if ctx.get("model_revision") else {}),

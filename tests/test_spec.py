@@ -37,7 +37,7 @@ def test_overrides_are_dotted_and_parsed_as_yaml():
         ("algorithm_config.ppo.critic.learning_rate=1", "algorithm_config.ppo.critic.learning_rate", "allowed here: lr,"),
         ("algorithm=sft;training.kl_coef=0.1", "training.kl_coef", "sft applies no KL penalty; set 0, or use one of: grpo, ppo, prime, rloo"),
         ("algorithm_config.nope.beta=1", "algorithm_config.nope", "unknown algorithm; allowed: dpo, grpo, kto, orpo, ppo, prime, raft, raftpp, rloo, sft, simpo"),
-        ("dataset=gsm8k", "dataset", "allowed: add, mul"),
+        ("dataset=gsm9k", "dataset", "allowed: add, gsm8k, math, mul"),
         ("training.foo=1", "training.foo", "allowed here: steps, lr"),
         ("rollout.backend=tgi", "rollout.backend", "'hf'"),
     ],
@@ -110,7 +110,7 @@ def test_rewards_and_batch_sources_are_checked_against_their_registries():
     from rlsparsity.platform.algorithms import ALGORITHMS, register_algorithm
     from rlsparsity.platform.tasks import REWARDS, register_reward
 
-    with pytest.raises(SpecError, match="training.reward: unknown reward 'nope'; allowed: exact, last_number"):
+    with pytest.raises(SpecError, match="training.reward: unknown reward 'nope'; allowed: boxed, exact, gsm8k, last_number"):
         SweepSpec({"training": {"reward": "nope"}})
     register_reward("always_one")(lambda text, answer: 1.0)
     register_algorithm("from_nowhere", source="nowhere")(lambda models, batch, cfg, train: None)

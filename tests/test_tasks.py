@@ -104,7 +104,9 @@ def test_render_ood_mul() -> None:
 def test_task_spec_is_json_ready() -> None:
     import json
 
-    for t in TASKS.values():
+    for t in TASKS.values():  # the real datasets' specs: tests/test_datasets.py
+        if not isinstance(t, tasks.Task):
+            continue
         json.dumps(t.spec())
         assert t.max_new_tokens >= t.max_answer_len + 1
 

@@ -186,7 +186,7 @@ def open_checkpoint(
         if revision:
             raise CheckpointError(f"{label}: {spec} is a local path; --revision applies to hub ids only")
         return _open_local(path, spec=spec, label=label)
-    if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
+    if is_hub_id(spec):
         return _open_hub(spec, revision=revision, cache_dir=cache_dir, label=label)
     raise CheckpointError(f"{label}: {spec} is neither an existing path nor a Hugging Face hub id")
 
@@ -268,6 +268,33 @@ def _open_local(path: Path, *, spec: str, label: str, **extra: Any) -> Checkpoin
     return Checkpoint(spec=spec, root=root, files=files, tensors=tensors, config=config, **extra)
 
 
+def hub_weight_files(repo_id: str, revision: str | None, meta_root: Path, label: str) -> list[str]:
+    """The weight files of hub repo ``repo_id`` to download, given its JSON files in ``meta_root``
+    (a snapshot): the index's shards, else ``model.safetensors``, else every top-level
+    ``*.safetensors``. Pickle-only repos are refused; offline, every safetensors file."""
+    import huggingface_hub as hf
+
+    if (meta_root / INDEX_NAME).is_file():
+        return sorted(set(_read_index(meta_root / INDEX_NAME).values()))
+    try:
+        names = hf.list_repo_files(repo_id, revision=revision)
+    except Exception:  # noqa: BLE001 - offline: fall back to every safetensors file
+        return ["*.safetensors"]
+    top = sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
+    if SINGLE_NAME in top:
+        return [SINGLE_NAME]
+    if top:
+        return top
+    if _pickles(names):
+        raise _refuse_pickle(label, f"hub repo {repo_id} (revision {revision or 'main'})", _pickles(names))
+    raise CheckpointError(f"{label}: hub repo {repo_id} has no *.safetensors weights")
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` has the form of a hub id (``name`` or ``org/name``) rather than a path."""
+    return bool(_HUB_ID.match(spec)) and not spec.startswith((".", "~"))
+
+
 def _open_hub(repo_id: str, *, revision: str | None, cache_dir: Any, label: str) -> Checkpoint:
     import huggingface_hub as hf
 
@@ -275,25 +302,7 @@ def _open_hub(repo_id: str, *, revision: str | None, cache_dir: Any, label: str)
         # First the JSON files only: the index tells which weight files the model uses, so
         # a repo that also ships e.g. consolidated.safetensors is not downloaded twice.
         meta_root = Path(hf.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=["*.json"]))
-        if (meta_root / INDEX_NAME).is_file():
-            wanted = sorted(set(_read_index(meta_root / INDEX_NAME).values()))
-        else:
-            try:
-                names = hf.list_repo_files(repo_id, revision=revision)
-            except Exception:  # noqa: BLE001 - offline: fall back to every safetensors file
-                names = None
-            if names is None:
-                wanted = ["*.safetensors"]
-            else:
-                top = sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
-                if SINGLE_NAME in top:
-                    wanted = [SINGLE_NAME]
-                elif top:
-                    wanted = top
-                elif _pickles(names):
-                    raise _refuse_pickle(label, f"hub repo {repo_id} (revision {revision or 'main'})", _pickles(names))
-                else:
-                    raise CheckpointError(f"{label}: hub repo {repo_id} has no *.safetensors weights")
+        wanted = hub_weight_files(repo_id, revision, meta_root, label)
         root = Path(hf.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=[*wanted, "*.json"]))
     except CheckpointError:
         raise

@@ -42,6 +42,8 @@ KIND_REPORT: Final = "report"  # a reproduction report (`rlsparsity report`)
 
 # Tags every trial run carries besides its kind and label (the factors analyses group by).
 TRIAL_FACTOR_TAGS: Final = ("seed", "data_seed", "dataset", "algorithm", "model", "base_hash", "git_commit")
+# A hub model's commit (the sha its snapshot was resolved to), on the sweep's and each trial's run.
+MODEL_REVISION_TAG: Final = "model_revision"
 
 # --- artifact paths
 MASK_DIR: Final = "masks"

@@ -27,13 +27,13 @@ from rlsparsity.platform.algorithms import PairBatch, StepBatch
 from rlsparsity.platform.batches import build_batch
 from rlsparsity.platform.engines import Rollout
 from rlsparsity.platform.pairs import offline_pairs, rollout_pairs
-from rlsparsity.platform.tasks import REWARDS, Problem, Task, chat_prompts
+from rlsparsity.platform.tasks import REWARDS, Problem, TaskLike, chat_prompts
 
 if TYPE_CHECKING:  # trial_spec checks algorithms' sources against SOURCES
     from rlsparsity.platform.trial_spec import TrialSpec
 
 
-def formatted(problems: list[Problem], spec: TrialSpec, task: Task, tokenizer: Any) -> list[Problem]:
+def formatted(problems: list[Problem], spec: TrialSpec, task: TaskLike, tokenizer: Any) -> list[Problem]:
     """Problems as the trial prompts them: native, or a user turn of the chat template."""
     return chat_prompts(task, problems, tokenizer) if spec.training.prompt_format == "chat" else problems
 
@@ -48,7 +48,7 @@ class StepContext:
     world: int
     rollout: Rollout
     tokenizer: Any
-    task: Task
+    task: TaskLike
 
     @property
     def data_seed(self) -> int:

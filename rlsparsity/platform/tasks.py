@@ -31,7 +31,9 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
+
+from rlsparsity.platform import answers
 
 Split = Literal["train", "test"]
 Style = Literal["native", "ood"]
@@ -65,8 +67,21 @@ def last_number_reward(completion_text: str, answer: str) -> float:
     return 1.0 if numbers and numbers[-1] == answer.strip() else 0.0
 
 
+def gsm8k_reward(completion_text: str, answer: str) -> float:
+    """1.0 if the completion's GSM8K answer (after its last ``####``, else its last number) is
+    the number ``answer``; see `answers`."""
+    return 1.0 if answers.gsm8k_equal(completion_text.split(EOS_TEXT, 1)[0], answer) else 0.0
+
+
+def boxed_reward(completion_text: str, answer: str) -> float:
+    """1.0 if the completion's last ``\\boxed{}`` equals ``answer`` after MATH's normalisation."""
+    return 1.0 if answers.boxed_equal(completion_text.split(EOS_TEXT, 1)[0], answer) else 0.0
+
+
 # `training.reward` names one of these.
-REWARDS: dict[str, Callable[[str, str], float]] = {"exact": reward, "last_number": last_number_reward}
+REWARDS: dict[str, Callable[[str, str], float]] = {
+    "exact": reward, "last_number": last_number_reward, "gsm8k": gsm8k_reward, "boxed": boxed_reward,
+}
 
 
 def register_reward(name: str) -> Callable[[Callable[[str, str], float]], Callable[[str, str], float]]:
@@ -170,7 +185,25 @@ class Task:
         return f"What is {a} {self.word} {b}? Reply with the number only."
 
 
-def chat_prompts(task: Task, problems: list[Problem], tokenizer: Any) -> list[Problem]:
+class TaskLike(Protocol):
+    """What trials use of a task: the synthetic `Task`s and the real datasets
+    (`rlsparsity.platform.datasets.DatasetTask`) both provide it."""
+
+    name: str
+
+    @property
+    def max_new_tokens(self) -> int: ...
+
+    def spec(self) -> dict[str, Any]: ...
+
+    def problems(self, split: Split, n: int, seed: int) -> list[Problem]: ...
+
+    def render(self, problem: Problem, style: Style = "native") -> tuple[str, str]: ...
+
+    def question(self, problem: Problem) -> str: ...
+
+
+def chat_prompts(task: TaskLike, problems: list[Problem], tokenizer: Any) -> list[Problem]:
     """``problems`` with each prompt rendered as a user turn of ``tokenizer``'s chat template,
     ending where the assistant's answer begins. Answers are unchanged."""
     if not getattr(tokenizer, "chat_template", None):
@@ -183,7 +216,9 @@ def chat_prompts(task: Task, problems: list[Problem], tokenizer: Any) -> list[Pr
     ]
 
 
-TASKS: dict[str, Task] = {}
+# `dataset` names one of these: the synthetic tasks, and the datasets of
+# `rlsparsity.platform.datasets` (gsm8k, math, and any a plugin registers).
+TASKS: dict[str, TaskLike] = {}
 
 
 def register_task(name: str) -> Callable[[Callable[[], Task]], Callable[[], Task]]:
@@ -201,9 +236,12 @@ def register_task(name: str) -> Callable[[Callable[[], Task]], Callable[[], Task
     return deco
 
 
-def get_task(name: str | Task) -> Task:
-    if isinstance(name, Task):
-        return name
+def get_task(name: str | TaskLike | Any) -> TaskLike:
+    """The task a trial's ``dataset`` names: a registered name, a dataset mapping (anything
+    with ``as_task()``: `rlsparsity.platform.datasets.DatasetSpec`), or a task itself."""
+    if not isinstance(name, str):
+        as_task = getattr(name, "as_task", None)
+        return as_task() if callable(as_task) else name
     try:
         return TASKS[name]
     except KeyError:

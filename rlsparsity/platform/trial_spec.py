@@ -29,8 +29,9 @@ from rlsparsity.platform.config import (
     TrackingSpec,
     TrainingSpec,
 )
+from rlsparsity.platform.datasets import DatasetSpec, parse_dataset, training_defaults
 from rlsparsity.platform.sources import SOURCES
-from rlsparsity.platform.tasks import REWARDS, TASKS
+from rlsparsity.platform.tasks import REWARDS
 
 
 class TrialSpec(Strict):
@@ -38,7 +39,10 @@ class TrialSpec(Strict):
 
     name: str = "sweep"
     model: str = "embedded:tiny-arith"
-    dataset: str = "add"
+    dataset: str | DatasetSpec = Field(
+        "add", description="a registered task or dataset (add, mul, gsm8k, math, ...), or a dataset mapping "
+        "(rlsparsity.platform.datasets.DatasetSpec: path or files, question, answer, answer_format, splits)"
+    )
     algorithm: str = "grpo"
     # Per-algorithm knobs, keyed by algorithm name, so one sweep spec can carry the settings
     # of every algorithm on its grid; each trial validates and uses its own entry.
@@ -62,13 +66,33 @@ class TrialSpec(Strict):
     # that every trial of a grid has its own label.
     _axis_label: str = PrivateAttr("")
 
-    @field_validator("algorithm", "dataset")
+    @field_validator("algorithm")
     @classmethod
     def _registered(cls, v: str, info: ValidationInfo) -> str:
-        registry = ALGORITHMS if info.field_name == "algorithm" else TASKS
-        if v not in registry:
-            raise ValueError(f"unknown {info.field_name} {v!r}; allowed: {', '.join(sorted(registry))}")
+        if v not in ALGORITHMS:
+            raise ValueError(f"unknown {info.field_name} {v!r}; allowed: {', '.join(sorted(ALGORITHMS))}")
         return v
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _dataset(cls, v: Any) -> str | DatasetSpec:
+        return parse_dataset(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_defaults(cls, data: Any) -> Any:
+        # A real dataset brings its reward and chat prompts, unless the spec names its own.
+        if not isinstance(data, dict):
+            return data
+        defaults = training_defaults(data.get("dataset", "add"))
+        training = data.get("training", {})
+        if not defaults:
+            return data
+        if isinstance(training, TrainingSpec):
+            training = training.model_copy(update={k: v for k, v in defaults.items() if k not in training.model_fields_set})
+        elif isinstance(training, dict):
+            training = {**defaults, **training}
+        return {**data, "training": training}
 
     @model_validator(mode="after")
     def _valid_algorithm_config(self) -> TrialSpec:
@@ -95,10 +119,22 @@ class TrialSpec(Strict):
         return _validate_algorithm_config(self.algorithm, self.algorithm_config.get(self.algorithm, {}))
 
     @property
+    def dataset_label(self) -> str:
+        """The dataset's name in labels and tags: the registered name, or the mapping's label."""
+        return self.dataset if isinstance(self.dataset, str) else self.dataset.label
+
+    @property
     def base_label(self) -> str:
         """algorithm/dataset/seed[/data seed][/axis=value...]: the grid point, whatever the subnetwork."""
-        return (f"{self.algorithm}/{self.dataset}/s{self.seed}" + ("" if self.data_seed is None else f"/d{self.data_seed}")
+        return (f"{self.algorithm}/{self.dataset_label}/s{self.seed}" + ("" if self.data_seed is None else f"/d{self.data_seed}")
                 + self._axis_label)
+
+    @property
+    def setting_label(self) -> str:
+        """What the label adds after algorithm/dataset/seed: the other grid axes and the
+        subnetwork kind (lr=1e-05/precision=bf16), for tables."""
+        sub = self.training.subnetwork
+        return (self._axis_label + ("" if sub is None else f"/{sub.kind}")).lstrip("/")
 
     @property
     def label(self) -> str:

@@ -26,13 +26,19 @@ from rlsparsity.contracts.mlflow_layout import (
     KIND_TAG,
     KIND_TRIAL,
     LABEL_TAG,
+    MODEL_REVISION_TAG,
     PARENT_TAG,
     PLUGINS_TAG,
     SPEC_KEY_TAG,
 )
 from rlsparsity.platform.algorithms import get_algorithm
 from rlsparsity.platform.cluster import init_ray
-from rlsparsity.platform.models import load_tokenizer, model_content_hash, resolve_model
+from rlsparsity.platform.models import (
+    load_tokenizer,
+    model_content_hash,
+    model_revision,
+    resolve_model,
+)
 from rlsparsity.platform.plugins import search_paths_of
 from rlsparsity.platform.subnetwork_source import SourceError, fetch_source_mask
 from rlsparsity.platform.tracking import Tracker, TrackingUnavailable, git_commit
@@ -137,6 +143,8 @@ def sweep(
     if any(t.training.prompt_format == "chat" for t in spec.trials()) and not load_tokenizer(model_path).chat_template:
         raise SpecError(f"invalid sweep spec:\n  training.prompt_format: 'chat' needs a chat template, and {first.model}'s tokenizer has none; use 'native'")
     base = {"id": first.model, "hash": model_content_hash(model_path)}
+    # A hub model is resolved once, here: every trial loads this snapshot, pinned to its commit.
+    revision = model_revision(model_path)
     tracker = Tracker(first.tracking.uri, first.tracking.artifact_location)
     resumed = _resumable_run(tracker, spec, parent_run_id) if resume else None  # before anything starts
     storage = Path(os.environ.get("RLSPARSITY_RAY_STORAGE", Path.cwd() / ".rlsparsity" / "ray")).resolve()
@@ -159,6 +167,7 @@ def sweep(
             kind=KIND_SWEEP,
             parent=parent_run_id,
             tags={**(run_tags or {}), "model": first.model, "base_hash": base["hash"], "git_commit": commit,
+                  **({MODEL_REVISION_TAG: revision} if revision else {}),
                   GRID_AXES_TAG: json.dumps(sorted(spec.axes)), SPEC_KEY_TAG: spec.fingerprint(),
                   **({PLUGINS_TAG: json.dumps(spec.plugins)} if spec.plugins else {})},
         )
@@ -178,6 +187,7 @@ def sweep(
                 "plugin_paths": search_paths_of(spec.plugins),
                 "artifact_location": first.tracking.artifact_location,
                 "model_path": str(model_path),
+                "model_revision": revision,
                 "base": base,
                 "tracking_uri": tracker.uri,
                 "experiment_id": experiment_id,
@@ -261,8 +271,9 @@ def _run_grid(spec: SweepSpec, tracker: Tracker, result: SweepResult, console: C
             result.failed.append(f"{label}: {_error_text(r.error)}")
         else:
             trial = spec.trial(point)
-            result.trials.append({"label": label, **trial.model_dump(include={"seed", "data_seed", "dataset", "algorithm"}),
-                                  "setting": trial.label.removeprefix(_base_label(trial)).lstrip("/"),
+            result.trials.append({"label": label, **trial.model_dump(include={"seed", "data_seed", "algorithm"}),
+                                  "dataset": trial.dataset_label,
+                                  "setting": trial.setting_label,
                                   "loss_type": getattr(trial.algo_config, "loss_type", None), **metrics})
     print_summary(result, console)
     if not result.failed and first.analysis and len(result.trials) > 1:
@@ -372,10 +383,6 @@ def _trial_name(trial) -> str:
 
 def _before_after(t: dict[str, Any], key: str) -> str:
     return f"{t.get(key + '_before', float('nan')):.3f} → {t.get(key + '_after', float('nan')):.3f}"
-
-
-def _base_label(trial: Any) -> str:
-    return f"{trial.algorithm}/{trial.dataset}/s{trial.seed}" + ("" if trial.data_seed is None else f"/d{trial.data_seed}")
 
 
 def _algorithm_cell(t: dict[str, Any]) -> str:

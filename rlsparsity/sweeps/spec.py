@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rlsparsity.platform.datasets import DatasetError, absolute_paths, check_dataset
 from rlsparsity.platform.models.resolve import resolve_model
 from rlsparsity.platform.plugins import PluginError, check_names, import_plugins
 from rlsparsity.platform.trial_spec import TrialSpec, fields_at
@@ -138,6 +139,8 @@ class SweepSpec:
             self.stages = None if stages is None else StagesSpec.model_validate(stages)
         except ValidationError as e:
             raise SpecError(_format_error(e, {}).replace("\n  ", "\n  subnetwork_stages.", 1)) from None
+        if "dataset" in raw:  # trials run in other directories: a dataset's local paths become absolute
+            raw["dataset"] = absolute_paths(raw["dataset"])
         # `variants` too: named sets of overrides, one grid axis (`variant`) whose values are
         # the names, for comparisons that are not a product of axes (GRPO with and without
         # KL beside DPO on two kinds of pairs).
@@ -171,15 +174,24 @@ class SweepSpec:
             if trial.label in labels:
                 other = labels[trial.label]
                 differ = sorted(k for k in point if point[k] != other[k])
+                hint = ("; give each dataset mapping its own name (dataset.name)" if any(k.startswith("dataset") for k in differ)
+                        else "; give each grid value once")
                 raise SpecError(
                     f"invalid sweep spec:\n  {', '.join(differ)}: grid points {json.dumps(other)} and "
-                    f"{json.dumps(point)} get the same trial label {trial.label!r}; give each grid value once"
+                    f"{json.dumps(point)} get the same trial label {trial.label!r}{hint}"
                 )
             labels[trial.label] = point
         try:
             resolve_model(self._trials[0].model, build=False)
         except ValueError as e:
             raise SpecError(f"invalid sweep spec:\n  model: {e}") from None
+        # A real dataset's files and columns are checked here, before anything runs (it loads
+        # them once per process; `datasets` caches what it downloaded).
+        for trial in self._trials:
+            try:
+                check_dataset(trial.dataset)
+            except DatasetError as e:
+                raise SpecError(f"invalid sweep spec:\n  dataset: {e}") from None
 
     @classmethod
     def load(cls, path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
@@ -260,7 +272,8 @@ LABELLED_AXES = ("algorithm", "dataset", "seed", "data_seed")
 def axis_label(point: Mapping[str, Any]) -> str:
     """The label part of a grid point's other axes: ``/lr=1e-05/optimizer=sgd`` (the last
     part of the dotted name, or all of it where two axes share that part)."""
-    extra = [k for k in point if k not in LABELLED_AXES and not k.startswith("training.subnetwork.")]
+    # A dataset mapping's path, files and name are in its own label already.
+    extra = [k for k in point if k not in LABELLED_AXES and not k.startswith(("training.subnetwork.", "dataset.path", "dataset.files.", "dataset.name"))]
     if "variant" in extra:  # its name alone: grpo/add/s0/grpo_kl
         extra.remove("variant")
         head = f"/{point['variant']}"

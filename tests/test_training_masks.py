@@ -159,7 +159,7 @@ def test_drift_histogram_equals_brute_force(fp32_run):
     assert (out / "drift" / "final.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("setting", [{"optimizer": "sgd", "lr": 0.5}, {"precision": "bf16"}])
+@pytest.mark.parametrize("setting", [{"optimizer": "sgd", "lr": 0.5}, {"precision": "bf16"}, {"precision": "amp"}])
 def test_sgd_and_pure_bf16_learners_train_and_their_masks_are_exact(setting, embedded_model_dir, tmp_path):
     learner, engine, views, summary = _run(embedded_model_dir, tmp_path, steps=2, every=2, **setting)
     params = dict(learner.policy.named_parameters())
@@ -167,6 +167,9 @@ def test_sgd_and_pure_bf16_learners_train_and_their_masks_are_exact(setting, emb
     if "optimizer" in setting:
         assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
         assert all(p.dtype == torch.float32 for p in params.values())
+    elif setting["precision"] == "amp":  # float32 masters, bf16 autocast
+        assert all(p.dtype == torch.float32 for p in params.values())
+        assert all(v.dtype == torch.float32 for st in opt.state.values() for k, v in st.items() if k != "step")
     else:
         assert all(p.dtype == torch.bfloat16 for p in params.values())
         assert all(v.dtype == torch.bfloat16 for st in opt.state.values() for k, v in st.items() if k != "step")
@@ -182,7 +185,7 @@ def test_sgd_and_pure_bf16_learners_train_and_their_masks_are_exact(setting, emb
         assert np.array_equal(engine.weights_bf16()[n].numpy(), _bits(p.detach())), n
         changed += int(want.sum())
     assert changed > 0, "the learner changed no weight"
-    if "precision" in setting:  # bf16 masters: the masters mask is the bf16 mask
+    if setting.get("precision") == "bf16":  # bf16 masters: the masters mask is the bf16 mask
         assert summary["final/changed_frac_masters"] == summary["final/changed_frac_bf16"]
 
 

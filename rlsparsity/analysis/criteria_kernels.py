@@ -352,6 +352,17 @@ def _blocks(
 # ----------------------------------------------------------------------------- torch
 
 
+def pack_torch(mask: Any) -> np.ndarray:
+    """A flat bool tensor's bits packed LSB first where it lives (a GPU's), so only n/8
+    bytes come to the host: `np.packbits(..., bitorder="little")` of it, bit for bit."""
+    torch = _torch()
+    n = mask.numel()
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:n] = mask.reshape(-1)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8).cpu().numpy()
+
+
 def compare_torch(a: Any, b: Any, criteria: list[Criterion], want: Sequence[int], packed: bool) -> Comparison:
     """Whole-tensor torch version (any device); the same semantics as the numpy kernel."""
     torch = _torch()
@@ -395,8 +406,7 @@ def compare_torch(a: Any, b: Any, criteria: list[Criterion], want: Sequence[int]
             m = torch.where(bad, ne, m)
         counts.append(int(torch.count_nonzero(m)))
         if i in want:
-            mn = m.cpu().numpy()
-            out_masks[i] = np.packbits(mn, bitorder="little") if packed else mn
+            out_masks[i] = pack_torch(m) if packed else m.cpu().numpy()
     return Comparison(
         counts=counts, numel=ta.numel(), bitwise_dtype=bits_dt, compute_dtype=comp_dt, masks=out_masks, kernel="torch"
     )

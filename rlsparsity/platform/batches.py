@@ -19,6 +19,9 @@ class TokenBatch:
     attention_mask: torch.Tensor  # (B, T)
     completion_mask: torch.Tensor  # (B, T-1) float
 
+    def to(self, device: torch.device) -> TokenBatch:
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device))
+
 
 def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> TokenBatch:
     """Concatenate each prompt with its completion and right-pad to the longest."""

@@ -182,9 +182,10 @@ class TrainingSpec(Strict):
         "adamw", description="adamw: torch's AdamW (betas 0.9/0.999, eps 1e-8); sgd: torch's SGD with momentum"
     )
     momentum: float | None = Field(None, ge=0, lt=1, description="sgd's momentum; default 0.9 (adamw: leave unset)")
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="fp32: float32 master weights and optimizer state, masks on their bf16 view (mixed "
-        "precision); bf16: weights, gradients and optimizer state held in bfloat16, as a pure-bf16 trainer"
+    precision: Literal["fp32", "amp", "bf16"] = Field(
+        "fp32", description="fp32: float32 master weights and optimizer state, float32 compute, masks on the bf16 "
+        "view; amp: the same masters with bf16 autocast for forward and backward (what RL frameworks run on GPUs; "
+        "slow on a CPU); bf16: weights, gradients and optimizer state held in bfloat16, as a pure-bf16 trainer"
     )
     sft_style: Literal["ood", "native"] = "ood"
     reward: str = Field(

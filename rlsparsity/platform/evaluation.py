@@ -42,8 +42,9 @@ def preference_accuracy(policy: torch.nn.Module, tok: Any, pairs: list) -> float
         return float("nan")
     prompts = [p for p, _, _ in pairs]
     scores = []
+    device = next(policy.parameters()).device
     for side in (1, 2):
-        b = build_batch(prompts, [pair[side] for pair in pairs], tok.pad_token_id)
+        b = build_batch(prompts, [pair[side] for pair in pairs], tok.pad_token_id).to(device)
         with torch.no_grad():
             scores.append((token_logprobs(policy, b) * b.completion_mask).sum(1))
     return (scores[0] > scores[1]).float().mean().item()

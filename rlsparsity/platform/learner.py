@@ -14,6 +14,7 @@ identical weights (DDP), so rank 0 speaks for them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -180,12 +181,17 @@ class Learner:
         threads: int = 1,
         wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         subnetwork_mask: str | Path | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
         self.spec, self.model_path, self.base = spec, str(model_path), base
         self.make_rollout, self.sink, self.target = rollout, sink, dict(target or {})
         self.rank, self.world, self.threads = rank, world, threads
         self.wrap = wrap or (lambda m: m)
         self.subnetwork_mask = subnetwork_mask  # the source mask file of training.subnetwork
+        # Where the models train (Ray Train's `get_device()` under Ray); every model, batch,
+        # the sync state and the recorder live there, and only patches and packed mask bits
+        # come back to the host.
+        self.device = torch.device(device or "cpu")
         self.leader = rank == 0
         self.step_done = 0
 
@@ -204,6 +210,7 @@ class Learner:
 
         # fp32: float32 masters whose bf16 view the engines hold; bf16: the weights are bf16.
         policy = load_model(self.model_path, dtype=torch.bfloat16 if t.precision == "bf16" else torch.float32)
+        policy.to(self.device)
         with torch.no_grad():  # θ0 is the bf16 view of the checkpoint, as the rollout engines hold it
             for p in policy.parameters():
                 p.copy_(p.to(torch.bfloat16))
@@ -211,6 +218,8 @@ class Learner:
         # One frozen θ0 per learner serves every use (KL penalty, DPO's reference, PRIME's PRM).
         reference = copy.deepcopy(policy).eval().requires_grad_(False) if t.kl_coef > 0 or self.algo.uses_reference else None
         aux = self.algo.aux(policy, self.acfg, t) if self.algo.aux else {}
+        for a in aux.values():
+            a.module.to(self.device)  # a side model's new layers (PPO's value head) start on the CPU
         self.named = list(policy.named_parameters())
         self.save_weights = weights_choice(t, sum(p.numel() for _, p in self.named))
         self.subnet = None
@@ -284,8 +293,9 @@ class Learner:
         t0 = time.perf_counter()
         ctx = StepContext(self.spec, step, self.rank, self.world, self.rollout, self.tok, self.task)
         batch, metrics = self.source(ctx)
+        batch = batch.to(self.device)
         acfg, updates = self.acfg, self.acfg.epochs * self.acfg.minibatches
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             if updates > 1 and batch.tokens is not None:  # the behaviour policy of later passes
                 batch.old_logps = token_logprobs(self.policy, batch.tokens)
             if self.algo.prepare:
@@ -296,7 +306,8 @@ class Learner:
         before = {n: p.detach().clone() for n, p in self.named} if records and self.spec.training.masks.drift else None
         for _ in range(acfg.epochs):
             for rows in minibatch_rows(len(batch), acfg.minibatches, batch.group_size, self.shuffle):
-                loss, loss_metrics = self.algo.loss(self.models, batch.select(rows) if updates > 1 else batch, acfg, self.spec.training)
+                with self._autocast():
+                    loss, loss_metrics = self.algo.loss(self.models, batch.select(rows) if updates > 1 else batch, acfg, self.spec.training)
                 metrics.update(self._update(loss * 0 if zero_weight else loss))
         for o in self.optimized:
             o.schedule.step()
@@ -313,6 +324,13 @@ class Learner:
                 if key in metrics:
                     curve.append(metrics[key])
         return metrics
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """precision amp: the forward passes in bf16 autocast over float32 masters (the
+        backward runs in the dtypes autocast chose); otherwise nothing."""
+        if self.spec.training.precision == "amp":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _update(self, loss: torch.Tensor) -> dict[str, float]:
         for o in self.optimized:

@@ -42,6 +42,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
         rank=rank, world=world, threads=cfg["threads"],
         wrap=(lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None,
         subnetwork_mask=cfg.get("subnetwork_mask"),
+        device=ray.train.torch.get_device(),  # this worker's GPU (NCCL between them), else the CPU (gloo)
     )
 
     every = spec.training.checkpoint_every

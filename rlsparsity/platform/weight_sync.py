@@ -127,7 +127,7 @@ def full_patch(named_params: Iterable[tuple[str, torch.Tensor]]) -> SparsePatch:
     patch = SparsePatch()
     for name, p in named_params:
         cur = bf16_bits(p).reshape(-1)
-        patch.tensors[name] = (None, cur.numpy().copy())
+        patch.tensors[name] = (None, cur.cpu().numpy().copy())
         patch.dense_bytes += cur.numel() * 2
         patch.changed += cur.numel()
     return patch

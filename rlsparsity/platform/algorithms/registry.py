@@ -76,6 +76,20 @@ class StepBatch:
     def __len__(self) -> int:
         return len(self.pairs.chosen.input_ids) if self.pairs is not None else len(self.tokens.input_ids)
 
+    def to(self, device: torch.device) -> StepBatch:
+        """The batch on the learner's device (sources build it on the CPU)."""
+        def tb(b: TokenBatch | None) -> TokenBatch | None:
+            return None if b is None else b.to(device)
+
+        return StepBatch(
+            tokens=tb(self.tokens),
+            rewards=None if self.rewards is None else self.rewards.to(device),
+            group_size=self.group_size,
+            old_logps=None if self.old_logps is None else self.old_logps.to(device),
+            pairs=None if self.pairs is None else PairBatch(tb(self.pairs.chosen), tb(self.pairs.rejected)),
+            extras={k: v.to(device) for k, v in self.extras.items()},
+        )
+
     def select(self, rows: torch.Tensor) -> StepBatch:
         """The sub-batch of `rows` (a minibatch); every per-row tensor is indexed alike."""
         def tb(b: TokenBatch | None) -> TokenBatch | None:

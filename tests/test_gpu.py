@@ -38,7 +38,7 @@ def test_every_model_batch_and_recorder_tensor_is_on_the_learners_device(algorit
     learner.step(1)
     modules = [learner.models.policy, learner.models.reference, *learner.models.aux.values()]
     tensors = [p for m in modules if m is not None for p in m.parameters()]
-    tensors += [*learner.sync_state.last.values(), *learner.recorder.base_bf16.values(), *learner.recorder.ever.values()]
+    tensors += [*learner.sync_state.last.values(), *learner.recorder.base_master.values(), *learner.recorder.prev_bf16.values(), *learner.recorder.ever.values()]
     assert len(modules) == (3 if algorithm == "ppo" else 2) and {t.device for t in tensors} == {learner.device}
 
 

@@ -14,7 +14,7 @@ and gigabytes. Memory: one float32 Δ (plus the SVD workspace) per worker.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,9 +80,9 @@ def delta_rank(a: Any, b: Any) -> int:
 
 
 def final_update_rank(
-    base_bf16: dict[str, Any], named_params: Sequence[tuple[str, Any]], *, max_dim: int | None = DEFAULT_MAX_DIM
+    base_bf16: Callable[[str], Any], named_params: Sequence[tuple[str, Any]], *, max_dim: int | None = DEFAULT_MAX_DIM
 ) -> RankResult:
-    """The update rank of a training run's bf16 view against θ0's (torch tensors in memory),
+    """The update rank of a training run's bf16 view against θ0's (`base_bf16(name)` gives θ0's tensor),
     by the same rule as `update_rank` on two checkpoints."""
     import torch
 
@@ -93,7 +93,7 @@ def final_update_rank(
             result.skipped.append({"name": name, "shape": list(p.shape), "reason": reason})
             continue
         try:
-            rank = delta_rank(base_bf16[name], p.detach().to(torch.bfloat16))
+            rank = delta_rank(base_bf16(name), p.detach().to(torch.bfloat16))
         except (ValueError, RuntimeError) as e:
             result.skipped.append({"name": name, "shape": list(p.shape), "reason": str(e)})
             continue

@@ -385,7 +385,7 @@ class Learner:
     def _drift(self, step: int, before: dict[str, torch.Tensor], workdir: Path) -> list[tuple[Path, str]]:
         drift = Drift(step)
         for name, p in self.named:
-            drift.add(self.recorder.base_bf16[name], before[name], p.detach())
+            drift.add(self.recorder.base_bf16(name), before[name], p.detach())
         self.last_drift = drift
         stem = Path(mask_file_name(None if step == self.spec.training.steps else step)).stem
         table = write_csv(drift.table_rows(), workdir / DRIFT_DIR / f"{stem}.csv")

@@ -132,13 +132,17 @@ class MaskRecorder:
         dynamics: bool = True,
     ) -> None:
         params = list(named_params)
+        # θ0's masters hold its bf16 view exactly (the learner starts from it), so the bf16
+        # view of θ0 is cast from them when needed rather than kept twice.
         self.base_master = {n: p.detach().clone() for n, p in params}
-        # copy=True: under precision bf16 the masters are bf16, and .to would alias them.
-        self.base_bf16 = {n: p.detach().to(torch.bfloat16, copy=True) for n, p in params}
         self.master_dtype = dtype_name(params[0][1].dtype) if params else "float32"
         self.base, self.tied, self.criteria, self.dynamics = base, tied, criteria, dynamics
-        self.prev_bf16 = {n: t.clone() for n, t in self.base_bf16.items()} if dynamics else {}
+        self.prev_bf16 = {n: self.base_bf16(n) for n in self.base_master} if dynamics else {}
         self.ever = {n: torch.zeros(p.shape, dtype=torch.bool, device=p.device) for n, p in params} if dynamics else {}
+
+    def base_bf16(self, name: str) -> torch.Tensor:
+        """θ0's bf16 view of one tensor (a new tensor: under precision bf16 `.to` would alias)."""
+        return self.base_master[name].to(torch.bfloat16, copy=True)
 
     def mark_changed(self, name: str, flat_indices: np.ndarray | torch.Tensor) -> None:
         """After an optimizer step: these entries' bf16 view changed (the ever-changed mask)."""
@@ -171,7 +175,7 @@ class MaskRecorder:
                 files.append((path, mask_dir(slug)))
             for tensor, p in named_params:
                 shape, cur = tuple(p.shape), p.detach().to(torch.bfloat16, copy=True)
-                masks = compare(self.base_bf16[tensor], cur, [c.criterion for c in bf16_criteria],
+                masks = compare(self.base_bf16(tensor), cur, [c.criterion for c in bf16_criteria],
                                 masks=range(len(bf16_criteria)), packed=True).masks
                 for i, c in enumerate(bf16_criteria):
                     stats[c.slug].changed[tensor] = writers[c.slug].add_bits(tensor, shape, masks[i])

@@ -67,11 +67,13 @@ def store(tmp_path):
                {"final/changed_frac_bf16": c})
     # An overlap analysis: the two seeds at lr 1e-5 differ in the seed alone, o_A 0.5 vs chance 0.3.
     run = client.create_run(exp, tags={KIND_TAG: KIND_ANALYSIS})
-    runs = [{"label": f"grpo/add/s{i}/lr=1e-05", "factors": {"seed": str(i), "algorithm": "grpo", "training.lr": "1e-05"}}
-            for i in (0, 1)]
+    # data_seed is an axis held at 0: the pair differs in the seed alone (without that axis
+    # the seed also picks the problems, and the report does not count such pairs as seed-only).
+    runs = [{"label": f"grpo/add/s{i}/lr=1e-05", "factors": {"seed": str(i), "data_seed": "0", "algorithm": "grpo",
+                                                         "training.lr": "1e-05"}} for i in (0, 1)]
     pair = {"a": runs[0]["label"], "b": runs[1]["label"], "o_a": 0.5, "o_a_random": 0.3, "o_b": 0.6,
             "o_b_random": 0.25, "jaccard": 0.4, "jaccard_random": 0.2}
-    doc = {"run_info": runs, "pairs": [pair], "meta": {"factor_keys": ["seed", "algorithm", "training.lr"]}}
+    doc = {"run_info": runs, "pairs": [pair], "meta": {"factor_keys": ["seed", "data_seed", "algorithm", "training.lr"]}}
     (tmp_path / "result.json").write_text(json.dumps(doc))
     client.log_artifact(run.info.run_id, str(tmp_path / "result.json"), OVERLAP_DIR)
     client.set_terminated(run.info.run_id, "FINISHED")

@@ -158,6 +158,8 @@ def _overlap_pairs(ev: Evidence, factor: str, metric: str) -> list[Measurement]:
     for ov in ev.overlaps:
         facs = {r["label"]: r.get("factors") or {} for r in ov.runs}
         keys = ov.factor_keys or sorted({k for f in facs.values() for k in f})
+        if factor == "seed" and "data_seed" not in keys:
+            continue  # without a data_seed axis the seed also picks the problems: not the seed alone
         for p in ov.pairs:
             fa, fb = facs.get(p["a"], {}), facs.get(p["b"], {})
             differ = [k for k in keys if str(fa.get(k)) != str(fb.get(k))]

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 BUCKET = "mlflow"
+ARTIFACTS = f"s3://{BUCKET}/artifacts"  # the server's --artifacts-destination
 HOST = "127.0.0.1"
 
 
@@ -64,9 +65,11 @@ class Stack:
         return f"http://{HOST}:{self.s3_port}"
 
     def env(self) -> dict[str, str]:
-        """What a client (a sweep, `overlap`, a test) sets to use the stack."""
+        """What a client (a sweep, `overlap`, a test) sets to use the stack. With the server's
+        artifacts destination, the overlap job's tasks read masks from S3 directly."""
         return {"MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
-                "AWS_ACCESS_KEY_ID": self.s3_access_key, "AWS_SECRET_ACCESS_KEY": self.s3_secret_key}
+                "AWS_ACCESS_KEY_ID": self.s3_access_key, "AWS_SECRET_ACCESS_KEY": self.s3_secret_key,
+                "MLFLOW_ARTIFACTS_DESTINATION": ARTIFACTS}
 
 
 class StackError(RuntimeError):
@@ -189,7 +192,7 @@ def _start_mlflow(root: Path, stack: Stack) -> subprocess.Popen:
     env.pop("MLFLOW_TRACKING_URI")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", HOST, "--port", str(stack.mlflow_port),
-         "--backend-store-uri", stack.backend_uri, "--artifacts-destination", f"s3://{BUCKET}/artifacts",
+         "--backend-store-uri", stack.backend_uri, "--artifacts-destination", ARTIFACTS,
          "--serve-artifacts", "--workers", "2"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )

@@ -38,6 +38,11 @@ class StoreError(OSError):
     """An artifact location cannot be opened or read (the message names it and the store)."""
 
 
+class RangeNotSupported(StoreError):
+    """The server answers a ranged read with the whole file (MLflow 3.17's artifact proxy
+    does when its own store is remote: it streams the object it downloaded)."""
+
+
 def is_remote(location: str) -> bool:
     return location.startswith((S3_SCHEME, *HTTP_SCHEMES))
 
@@ -91,6 +96,10 @@ class Source:
                     data = self._file.read_at(nbytes, offset)
             else:
                 data = self._file.read_at(nbytes, offset)
+        except ValueError as e:  # fsspec: a 200 with the whole file for a Range request
+            raise RangeNotSupported(
+                f"{self.location}: the server does not answer Range requests ({e})"
+            ) from e
         except OSError as e:
             raise StoreError(f"reading bytes [{offset}, {offset + nbytes}) of {self.location}{_where(self.location)}: {e}") from e
         if len(data) != nbytes:
@@ -126,6 +135,16 @@ def open_source(location: str) -> Source:
         raise StoreError(f"{path}: cannot open: {e}") from e
     # read_at would copy into a bytes object; slices of the whole map do not.
     return Source(location, st.st_size, file_identity(st), True, mm, _whole=mm.read_buffer())
+
+
+def supports_ranges(location: str) -> bool:
+    """Whether ranged reads of ``location`` work (one small read of its end)."""
+    with open_source(location) as src:
+        try:
+            src.read(max(0, src.size - 16), min(16, src.size))
+        except RangeNotSupported:
+            return False
+    return True
 
 
 def file_identity(st: os.stat_result) -> dict[str, Any]:

@@ -233,6 +233,33 @@ def compute_overlap(
     )
 
 
+def _task_specs(
+    plan: _Plan, ranges: list[tuple[int, int]], pos: np.ndarray, changed: np.ndarray,
+    paths: list[str], labels: list[str], n_new: int, verify: list[bool],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Each task's arguments: locations and row coordinates only. A task opens the masks
+    itself, with the endpoint and credentials of its own environment; none are passed."""
+    return [
+        {
+            "r0": r0,
+            "r1": r1,
+            "paths": paths,
+            "labels": labels,
+            "pos": pos[:, r0:r1],
+            "changed": changed[:, r0:r1],
+            "nbytes": plan.row_nbytes[r0:r1],
+            "row_tensor": plan.row_tensor[r0:r1],
+            "chunk": plan.row_chunk[r0:r1],
+            "tensor_names": {
+                int(t): plan.tensor_names[t] for t in np.unique(plan.row_tensor[r0:r1])
+            },
+            "n_new": n_new,
+            "verify": verify,
+        }
+        for r0, r1 in ranges
+    ]
+
+
 def _ray_task(spec: dict[str, Any]) -> dict[str, Any]:
     """``overlap_task`` as a Ray task, noting the node it ran on."""
     import ray
@@ -350,25 +377,7 @@ def _run_tasks(
     else:
         workers = 1
     ranges = plan_ranges(words, n, n_new, sum(verify), workers)
-    specs = [
-        {
-            "r0": r0,
-            "r1": r1,
-            "paths": paths,
-            "labels": labels,
-            "pos": pos[:, r0:r1],
-            "changed": changed[:, r0:r1],
-            "nbytes": plan.row_nbytes[r0:r1],
-            "row_tensor": plan.row_tensor[r0:r1],
-            "chunk": plan.row_chunk[r0:r1],
-            "tensor_names": {
-                int(t): plan.tensor_names[t] for t in np.unique(plan.row_tensor[r0:r1])
-            },
-            "n_new": n_new,
-            "verify": verify,
-        }
-        for r0, r1 in ranges
-    ]
+    specs = _task_specs(plan, ranges, pos, changed, paths, labels, n_new, verify)
     total_bytes = int(plan.row_nbytes.sum()) * n
     stats.update(tasks=len(specs), workers=workers, task_s=0.0, task_cpu_s=0.0, task_log=[])
 
@@ -395,7 +404,10 @@ def _run_tasks(
         if use_ray:
             import ray
 
-            remote = ray.remote(num_cpus=1, max_retries=1)(_ray_task)
+            # Tasks reading an object store go to as many nodes as possible: each node's
+            # network adds bandwidth.
+            spread = "SPREAD" if any(is_remote(p) for p in paths) else "DEFAULT"
+            remote = ray.remote(num_cpus=1, max_retries=1, scheduling_strategy=spread)(_ray_task)
             pending = list(reversed(specs))
             running: list[Any] = []
             try:

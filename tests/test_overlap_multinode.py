@@ -57,10 +57,11 @@ def _tampered(src: Path, dst: Path, *, keep_count: bool) -> Path:
     return dst
 
 
-def test_overlap_job_across_nodes_reads_masks_from_the_store(stack, tmp_path) -> None:
+def test_overlap_job_across_nodes_reads_masks_from_the_store(stack, tmp_path, monkeypatch) -> None:
     import boto3
     from mlflow import MlflowClient
 
+    monkeypatch.delenv("MLFLOW_ARTIFACTS_DESTINATION", raising=False)
     t_start = time.perf_counter()
     assert sum(np.prod(s) > CHUNK_ELEMS for s in SHAPES.values()) >= 3
     rng = np.random.default_rng(16)
@@ -90,6 +91,19 @@ def test_overlap_job_across_nodes_reads_masks_from_the_store(stack, tmp_path) ->
                       aws_secret_access_key=stack.s3_secret_key, region_name="us-east-1")  # fmt: skip
     key = f"artifacts/{exp}/{run_ids[1]}/artifacts/masks/final.arrow"
     assert s3.head_object(Bucket="mlflow", Key=key)["ContentLength"] == local[1].stat().st_size
+
+    # Without the server's destination the masks would go through the server, which (MLflow
+    # 3.17, remote store) answers a Range request with the whole file: downloaded, and said so.
+    from rich.console import Console
+
+    from rlsparsity.analysis.job import run_overlap_analysis
+
+    console = Console(record=True, width=200)
+    via_server = run_overlap_analysis(stack.tracking_uri, "multinode", use_ray=False, use_cache=False,
+                                      log=False, console=console)  # fmt: skip
+    assert via_server.meta["mask_reads"] == ["downloaded", "local"]
+    assert "does not answer Range requests" in console.export_text()
+    np.testing.assert_array_equal(via_server.tensor_inter, reference.tensor_inter)
 
     # Two checkpoints in the store for diff --ray, and their local diff as the reference.
     g = torch.Generator().manual_seed(16)

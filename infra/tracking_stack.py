@@ -205,9 +205,10 @@ def _load(root: Path) -> Stack | None:
     return Stack(**json.loads(f.read_text())) if f.exists() else None
 
 
-def start(root: str | Path) -> Stack:
+def start(root: str | Path, *, s3_only: bool = False) -> Stack:
     """Start (or restart on its old ports and data) the stack in `root`; returns it when every
-    service answers: PostgreSQL, the S3 bucket, and the MLflow server's /health."""
+    service answers: PostgreSQL, the S3 bucket, and the MLflow server's /health. `s3_only`:
+    the object store alone (benchmarks/bench_overlap_remote.py)."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o711)  # the postgres user must reach its data directory inside
@@ -222,11 +223,14 @@ def start(root: str | Path) -> Stack:
     state.write_text(json.dumps(asdict(stack), indent=1))
     state.chmod(0o600)
     try:
-        _start_postgres(root, stack)
+        if not s3_only:
+            _start_postgres(root, stack)
         weed = _start_seaweedfs(root, stack)
         _wait(lambda: _s3_ready(stack), "SeaweedFS's S3 gateway", root / "seaweedfs.log", weed)
-        server = _start_mlflow(root, stack)
-        _wait(lambda: _http_ok(f"{stack.tracking_uri}/health"), "mlflow server", root / "mlflow.log", server, timeout=120)
+        if not s3_only:
+            server = _start_mlflow(root, stack)
+            _wait(lambda: _http_ok(f"{stack.tracking_uri}/health"), "mlflow server", root / "mlflow.log", server,
+                  timeout=120)
     except BaseException:
         stop(root)
         raise

@@ -90,7 +90,8 @@ def test_masks_through_an_mlflow_server_with_range_requests(mlflow_server, tmp_p
     from mlflow import MlflowClient
 
     monkeypatch.delenv("MLFLOW_ARTIFACTS_DESTINATION", raising=False)
-    monkeypatch.setattr(rows, "WINDOW_BYTES", 256 << 10)  # several windows per task
+    monkeypatch.setattr(rows, "WINDOW_BYTES", 3 * 32 << 10)  # several windows per task
+    monkeypatch.setattr(rows, "MIN_REQUEST_BYTES", 32 << 10)
     rng = np.random.default_rng(2)
     arrays = [random_masks(rng, d) for d in (0.1, 0.5, 0.9)]
     local = [write_mask(tmp_path / f"r{k}.arrow", a, target=f"t{k}") for k, a in enumerate(arrays)]
@@ -104,7 +105,8 @@ def test_masks_through_an_mlflow_server_with_range_requests(mlflow_server, tmp_p
     np.testing.assert_array_equal(res.tensor_inter, brute_force(arrays)[1])
     remote = res.stats["remote"]
     assert remote["task_bits"] == 3 * int(_read_layout(str(local[0]), "a").nbytes.sum())
-    assert remote["task_requests"] > 3  # windows of 256 KiB, not one request per mask
+    assert remote["task_requests"] >= 3 * 4  # windows of 32 KiB per mask, the next one fetched ahead
+    assert remote["task_bytes"] <= 1.05 * remote["task_bits"] + 3 * (64 << 10)  # each row fetched once
     again = compute_overlap(urls, ["a", "b", "c"], use_ray=False, cache_dir=tmp_path / "cache")
     assert again.stats["pairs_cached"] == 3 and again.stats["verified"] == ["a", "b", "c"]
     memo = tmp_path / "cache" / "verified.json"

@@ -159,8 +159,8 @@ def test_overlap_job_across_nodes_reads_masks_from_the_store(stack, tmp_path, mo
     bits = sum(int(_read_layout(str(p), "m").nbytes.sum()) for p in local)
     log = first["stats"]["task_log"]
     assert sum(t["bits"] for t in log) == bits
-    for t in log:
-        assert t["bits"] <= t["bytes"] <= t["bits"] + 64 * 1024 * t["requests"], t
+    for t in log:  # its rows' bits, plus the headers between record batches read through
+        assert t["bits"] <= t["bytes"] <= 1.05 * t["bits"] + len(local) * (64 << 10), t
     # The driver read footers and small columns only: no mask whole, on disk or in memory.
     remote = first["stats"]["remote"]
     assert remote["meta_bytes"] + remote["layout_bytes"] < 0.25 * sum(p.stat().st_size for p in local), remote

@@ -20,6 +20,7 @@ import bisect
 import io
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,20 @@ def _open_http(url: str) -> Source:
 # ----------------------------------------------------------------------------- ranges
 
 
+FETCH_THREADS = 16
+_POOL: ThreadPoolExecutor | None = None
+
+
+def fetch_pool() -> ThreadPoolExecutor:
+    """One pool of I/O threads per process (requests wait on the network, not the CPU).
+    Only ``Source.read`` runs on it, which never waits on the pool itself."""
+    global _POOL
+    with _FS_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="rls-fetch")
+        return _POOL
+
+
 def coalesce(ranges: list[tuple[int, int]], hole: int, limit: int) -> list[tuple[int, int]]:
     """(start, length) ranges sorted and merged where the gap between two is at most
     ``hole`` bytes and the merged range stays within ``limit`` bytes (one request each)."""
@@ -318,13 +333,11 @@ class RangeCache(io.RawIOBase):
         self._pos = 0
         self.misses = 0
 
-    def fetch(self, ranges: list[tuple[int, int]], workers: int = 16) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
+    def fetch(self, ranges: list[tuple[int, int]]) -> None:
+        """Read ``ranges`` (start, length) concurrently and keep them."""
         todo = [r for r in ranges if r[1] > 0 and self._find(*r) is None]
-        if len(todo) > 1 and workers > 1:
-            with ThreadPoolExecutor(min(workers, len(todo)), thread_name_prefix="rls-fetch") as ex:
-                got = list(ex.map(lambda r: self.source.read(*r), todo))
+        if len(todo) > 1:
+            got = list(fetch_pool().map(lambda r: self.source.read(*r), todo))
         else:
             got = [self.source.read(*r) for r in todo]
         pairs = sorted([*zip(self._starts, self._bufs, strict=True), *((s, b) for (s, _), b in zip(todo, got, strict=True))],

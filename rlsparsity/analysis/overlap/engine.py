@@ -89,7 +89,9 @@ def compute_overlap(
     # 1. Metadata only: fail on incompatible inputs before touching any bits. Each mask's
     # identity is taken as it is opened, before any read, so a mask changed afterwards is
     # caught (below) rather than trusted.
+    t_meta = time.perf_counter()
     metas, ids, stable, meta_io = _open_all(paths, labels)
+    meta_io["meta_s"] = time.perf_counter() - t_meta
     check_compatible(metas, labels)
     checksums = [str(m["checksum"]) for m in metas]
     total_elems = {int(m["total_elems"]) for m in metas}
@@ -162,8 +164,8 @@ def compute_overlap(
         "verified": [labels[k] for k in range(n) if need_verify[k]],
     }
     if meta_io["requests"]:
-        stats["remote"] = {**meta_io, "layout_requests": 0, "layout_bytes": 0,
-                           "task_requests": 0, "task_bytes": 0, "task_bits": 0}  # fmt: skip
+        stats["remote"] = {**meta_io, "layout_requests": 0, "layout_bytes": 0, "layout_s": 0.0,
+                           "task_requests": 0, "task_bytes": 0, "task_bits": 0, "task_wait_s": 0.0}  # fmt: skip
     # 3. Compute the missing pairs (masks in the cover go first in the stack, the others are
     # read for their columns), or only read the masks still to verify.
     computed: dict[tuple[str, str], np.ndarray] = {}
@@ -316,6 +318,7 @@ def _count_layout_io(plan: _Plan, stats: dict[str, Any]) -> None:
     if "remote" in stats and not stats["remote"]["layout_requests"]:
         stats["remote"]["layout_requests"] = sum(lay.io.get("requests", 0) for lay in plan.layouts)
         stats["remote"]["layout_bytes"] = sum(lay.io.get("bytes", 0) for lay in plan.layouts)
+        stats["remote"]["layout_s"] = plan.read_s
 
 
 def _load_plan(
@@ -328,8 +331,10 @@ def _load_plan(
     """The joined layout of the masks' small columns (which must be the cached layout, when
     there is one), and each mask's changed counts per tensor, checked against its metadata's
     totals."""
+    t0 = time.perf_counter()
     layouts = _per_mask(_read_layout, paths, labels, threads=4)
     plan = _join(layouts, labels, paths, chunk_elems)
+    plan.read_s = time.perf_counter() - t0
     if cached_layout is not None and plan.layout_hash != cached_layout:
         raise MaskError("mask layout changed since it was cached; clear the overlap cache")
     counts = []
@@ -395,7 +400,7 @@ def _run_tasks(
         stats["task_cpu_s"] += out["cpu_s"]
         io = out["io"]
         if "remote" in stats:
-            for k in ("requests", "bytes", "bits"):
+            for k in ("requests", "bytes", "bits", "wait_s"):
                 stats["remote"][f"task_{k}"] += io[k]
         stats["task_log"].append({"r0": out["r0"], "r1": out["r1"], "node": out.get("node"),
                                   "task_s": round(out["task_s"], 4), **io})  # fmt: skip

@@ -21,12 +21,26 @@ import pyarrow as pa
 
 from rlsparsity.analysis.object_store import RangeCache, Source, StoreError, coalesce, open_source
 from rlsparsity.analysis.overlap import ipc
-from rlsparsity.contracts.mask import SCHEMA, MaskError, check_chunks, open_reader, read_meta
+from rlsparsity.contracts.mask import (
+    CHUNK_ELEMS,
+    SCHEMA,
+    MaskError,
+    check_chunks,
+    open_reader,
+    read_meta,
+)
 
 SMALL_COLUMNS = ["tensor", "shape", "chunk", "offset", "length", "changed"]
 TAIL_FETCH = 16 << 10  # the file's end: the footer (about 24 bytes per batch), with its length
-HEAD_FETCH = 16 << 10  # a batch's header and its small columns before the bits (~150 rows)
-CHANGED_FETCH = 8 << 10  # the 'changed' column after the bits (1024 rows of int64)
+# Guesses of a batch's small columns from its body's size (a row per 128 KiB of bits): the
+# columns before the bits (name, shape, chunk, offset, length, the bits' offsets: under
+# 256 bytes a row for names under 150 characters) and 'changed' after them (8 bytes a row).
+# A short guess costs one more request, never a wrong result.
+HEAD_BASE, HEAD_PER_ROW = 1024, 256
+TAIL_BASE, TAIL_PER_ROW = 64, 8
+# Bits between two of those ranges shorter than this are read through: one request fewer
+# costs less than the bytes (a small tensor's bits: norms, biases, small matrices).
+HOLE = 64 << 10
 _BITS_NODE, _BITS_BUF = ipc.column_position(SCHEMA, "bits")
 
 
@@ -91,11 +105,12 @@ def _layout_of(src: Source) -> _Layout:
     if src.remote:
         ahead = []
         for b in blocks:
-            ahead.append((b.offset, b.meta_len + min(b.body_len, HEAD_FETCH)))
-            if b.body_len > HEAD_FETCH:
-                tail = min(CHANGED_FETCH, b.body_len - HEAD_FETCH)
-                ahead.append((b.body + b.body_len - tail, tail))
-        cache.fetch(coalesce(ahead, hole=4096, limit=1 << 20))
+            rows = b.body_len // (CHUNK_ELEMS // 8) + 1
+            head, tail = HEAD_BASE + HEAD_PER_ROW * rows, TAIL_BASE + TAIL_PER_ROW * rows
+            ahead.append((b.offset, b.meta_len + min(b.body_len, head)))
+            if b.body_len > head:
+                ahead.append((b.body + b.body_len - min(tail, b.body_len - head), min(tail, b.body_len - head)))
+        cache.fetch(coalesce(ahead, hole=HOLE, limit=1 << 20))
         native: pa.NativeFile = pa.PythonFile(cache, mode="r")
     else:
         native = src.native()
@@ -152,6 +167,7 @@ class _Plan:
     file_row: np.ndarray  # (N, R): row index in each mask's file
     layouts: list[_Layout]
     layout_hash: str
+    read_s: float = 0.0  # seconds the layouts took to read
 
 
 def _join(layouts: list[_Layout], labels: list[str], paths: list[str], chunk_elems: int) -> _Plan:

@@ -53,28 +53,28 @@ def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
     def where(k: int, first: int) -> Callable[[int], str]:
         return _row_where(labels[k], paths[k], row_names, spec["chunk"], first)
 
+    words = (nbytes + 7) // 8
+    # Greedy packs of consecutive rows up to PACK_WORDS words: small tensors (norms,
+    # biases) share one block so per-call numpy overhead stays per 128 KiB, not per row.
+    packs: list[list[int]] = []
+    cur: list[int] = []
+    cur_w = 0
+    for r in range(rows):
+        if cur and cur_w + words[r] > PACK_WORDS:
+            packs.append(cur)
+            cur, cur_w = [], 0
+        cur.append(r)
+        cur_w += int(words[r])
+    if cur:
+        packs.append(cur)
     # Each file opened once; the rows' bits come from their byte ranges.
-    source = TaskRows(paths, pos, nbytes)
+    source = TaskRows(paths, pos, nbytes, starts=[p[0] for p in packs])
     try:
-        words = (nbytes + 7) // 8
         tensors, local = np.unique(row_tensor, return_inverse=True)
         acc = np.zeros((len(tensors), n_new, n), dtype=np.int64)
         popc = np.zeros((rows, n), dtype=np.int64)
         digests = np.zeros((rows, len(vpos), 16), dtype=np.uint8)
 
-        # Greedy packs of consecutive rows up to PACK_WORDS words: small tensors (norms,
-        # biases) share one block so per-call numpy overhead stays per 128 KiB, not per row.
-        packs: list[list[int]] = []
-        cur: list[int] = []
-        cur_w = 0
-        for r in range(rows):
-            if cur and cur_w + words[r] > PACK_WORDS:
-                packs.append(cur)
-                cur, cur_w = [], 0
-            cur.append(r)
-            cur_w += int(words[r])
-        if cur:
-            packs.append(cur)
         width = max([PACK_WORDS, *(int(words[p].sum()) for p in packs)]) if packs else 0
         kern = _numba_kernels()
         # numba: rows padded to a multiple of 4 (zero rows, for the 4x4 tiles), no temporaries.

@@ -61,6 +61,9 @@ def test_where_artifacts_are_read(monkeypatch, tmp_path) -> None:
     assert artifact_location(run, path, server) == f"s3://bucket/prefix/3/abc/artifacts/{path}"
     monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "dest"))
     assert artifact_location(run, path, server) == str(tmp_path / "dest" / "3/abc/artifacts" / path)
+    # A tracking URI's credentials stay out of the location (it travels to the tasks).
+    monkeypatch.delenv("MLFLOW_ARTIFACTS_DESTINATION")
+    assert artifact_location(run, path, "http://u:pw@127.0.0.1:5000") == artifact_location(run, path, server)
     # Stores the tasks cannot read in place are downloaded.
     assert uri_location("gs://b/k/final.arrow", server) is None
 

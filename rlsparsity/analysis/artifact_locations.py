@@ -34,8 +34,11 @@ def uri_location(uri: str, tracking_uri: str) -> str | None:
     scheme = urlsplit(uri).scheme
     if scheme in ("", "file"):
         return local_path(uri)
-    if scheme in ("s3", "http", "https"):
+    if scheme == "s3":
         return uri
+    if scheme in ("http", "https"):
+        u = urlsplit(uri)  # no credentials in a location (see _proxied)
+        return u._replace(netloc=u.netloc.rpartition("@")[2]).geturl()
     if scheme == "runs":
         from mlflow.tracking.artifact_utils import get_artifact_uri
         from mlflow.utils.uri import parse_runs_uri
@@ -58,7 +61,10 @@ def _proxied(uri: str, tracking_uri: str) -> str:
             return local_path(direct)
     from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 
-    return MlflowArtifactsRepository.resolve_uri(uri, tracking_uri)
+    # Credentials in the tracking URI stay out of the location, which travels in the tasks'
+    # arguments: readers authenticate from MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN.
+    url = urlsplit(MlflowArtifactsRepository.resolve_uri(uri, tracking_uri))
+    return url._replace(netloc=url.netloc.rpartition("@")[2]).geturl()
 
 
 def read_through_server(location: str) -> bool:

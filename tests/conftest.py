@@ -84,9 +84,9 @@ def stack() -> Iterator[object]:
     # Not under pytest's tmp_path: its 0700 parents keep the postgres user out.
     root = Path(tempfile.mkdtemp(prefix="rls-stack-", dir="/tmp"))
     t0 = time.perf_counter()
-    started = tracking_stack.start(root)
-    print(f"tracking stack up in {time.perf_counter() - t0:.1f} s")
     try:
+        started = tracking_stack.start(root)  # stops what it started if it fails
+        print(f"tracking stack up in {time.perf_counter() - t0:.1f} s")
         yield started
     finally:
         tracking_stack.stop(root)

@@ -314,7 +314,10 @@ def _analyse(
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rlsparsity-overlap-")))
         art_root = cache_root / "artifacts" if use_cache else None
-        located = [locate_mask(client, tracking_uri, t, lab, artifact) for t, lab in zip(trials, labels, strict=True)]
+        located = [
+            locate_mask(client, tracking_uri, t, lab, artifact)
+            for t, lab in zip(trials, labels, strict=True)
+        ]
         served = [loc for loc in located if loc and read_through_server(loc)]
         ranged = not served or _supports_ranges(served[0])
         paths = [

@@ -135,7 +135,7 @@ def open_source(location: str) -> Source:
     except OSError as e:
         raise StoreError(f"{path}: cannot open: {e}") from e
     # read_at would copy into a bytes object; slices of the whole map do not.
-    return Source(location, st.st_size, file_identity(st), True, mm, _whole=mm.read_buffer())
+    return Source(location, mm.size(), file_identity(st), True, mm, _whole=mm.read_buffer())
 
 
 def supports_ranges(location: str) -> bool:

@@ -35,6 +35,9 @@ class TaskRows:
         is read for every mask in turn, so it must lie in one window)."""
         self.pos, self.nbytes = pos, nbytes
         self.sources: list[Source] = []
+        self._fetched: dict[int, dict[int, list[tuple[int, Future]]]] = {}
+        self._ready: dict[int, tuple[list[int], list[pa.Buffer]]] = {}
+        self._cur = -1
         try:
             for loc in locations:
                 self.sources.append(open_source(loc))
@@ -58,9 +61,6 @@ class TaskRows:
             cuts.append((start, len(nbytes)))
             self._windows = cuts
             self.bits_remote = int(nbytes.sum()) * len(self.remote)
-        self._fetched: dict[int, dict[int, list[tuple[int, Future]]]] = {}
-        self._ready: dict[int, tuple[list[int], list[pa.Buffer]]] = {}
-        self._cur = -1
 
     def _submit(self, w: int) -> None:
         if w >= len(self._windows) or w in self._fetched:
@@ -99,7 +99,7 @@ class TaskRows:
         i = bisect.bisect_right(starts, pos) - 1
         return bufs[i].slice(pos - starts[i], n)
 
-    def io(self) -> dict[str, int]:
+    def io(self) -> dict[str, float]:
         """Requests and bytes read from remote masks' bits, and the bits they were for."""
         return {
             "requests": sum(self.sources[k].requests for k in self.remote),

@@ -12,37 +12,30 @@ import pytest
 from test_overlap import brute_force, random_masks, write_mask
 
 from rlsparsity.analysis.artifact_locations import artifact_location, uri_location
-from rlsparsity.analysis.object_store import coalesce
+from rlsparsity.analysis.object_store import coalesce, open_source
 from rlsparsity.analysis.overlap import OverlapError, compute_overlap, rows
-from rlsparsity.analysis.overlap.layout import _read_layout
-from rlsparsity.contracts.mask import bits_offsets
+from rlsparsity.analysis.overlap.layout import _layout_of, _read_layout
 
 
 def test_row_positions_are_pyarrows_buffers(tmp_path) -> None:
-    """The footer and batch headers parsed by overlap/ipc.py give, for every row, exactly
-    the bytes pyarrow reads as that row's bits (an empty tensor's row included)."""
+    """The rows' byte ranges parsed from the footer and batch headers (overlap/ipc.py, what
+    remote reads use) are those of pyarrow's zero-copy buffers in the memory map (what local
+    reads use), and hold exactly each row's bits (an empty tensor's row included)."""
     rng = np.random.default_rng(0)
     path = write_mask(tmp_path / "m.arrow", random_masks(rng, 0.3))
-    lay = _read_layout(str(path), "m")
+    with open_source(str(path)) as src:
+        parsed, mapped = _layout_of(src, parse=True), _layout_of(src, parse=False)
+    np.testing.assert_array_equal(parsed.nbytes, mapped.nbytes)
+    some = parsed.nbytes > 0  # where an empty row "is" does not matter
+    np.testing.assert_array_equal(parsed.pos[some], mapped.pos[some])
+    np.testing.assert_array_equal(parsed.changed, mapped.changed)
+    assert parsed.tensor == mapped.tensor
     raw = path.read_bytes()
     with pa.memory_map(str(path)) as f:
-        table = pa.ipc.open_file(f).read_all()
-        bits = [b.as_py() for b in table.column("bits")]
-    assert len(bits) == len(lay.pos) == len(lay.tensor)
+        bits = [b.as_py() for b in pa.ipc.open_file(f).read_all().column("bits")]
+    assert len(bits) == len(parsed.pos) and any(not b for b in bits)
     for r, want in enumerate(bits):
-        assert raw[lay.pos[r] : lay.pos[r] + lay.nbytes[r]] == want
-    assert lay.tensor == table.column("tensor").to_pylist()
-    np.testing.assert_array_equal(lay.changed, table.column("changed").to_numpy())
-    # The data buffer of each batch sits where pyarrow's zero-copy buffer points in the map.
-    mm = pa.memory_map(str(path))
-    whole = mm.read_buffer()
-    reader = pa.ipc.open_file(mm)
-    firsts = np.flatnonzero(np.r_[True, np.diff(lay.pos) != lay.nbytes[:-1]])
-    for b in range(reader.num_record_batches):
-        offs, data = bits_offsets(reader.get_batch(b))
-        if data.size == 0:
-            continue  # an empty tensor's bits: no bytes, pyarrow's own empty buffer
-        assert data.address - whole.address + int(offs[0]) in set(lay.pos[firsts].tolist())
+        assert raw[parsed.pos[r] : parsed.pos[r] + parsed.nbytes[r]] == want
     assert coalesce([(0, 10), (12, 5), (100, 1), (101, 0)], hole=2, limit=100) == [(0, 17), (100, 1)]
     assert coalesce([(0, 10), (12, 5)], hole=2, limit=15) == [(0, 10), (12, 5)]
 

@@ -25,6 +25,7 @@ from rlsparsity.contracts.mask import (
     CHUNK_ELEMS,
     SCHEMA,
     MaskError,
+    bits_offsets,
     check_chunks,
     open_reader,
     read_meta,
@@ -95,7 +96,49 @@ def _read_layout(location: str, label: str) -> _Layout:
         raise MaskError(f"{label} ({location}): not a readable mask file ({e})") from e
 
 
-def _layout_of(src: Source) -> _Layout:
+def _layout_of(src: Source, *, parse: bool | None = None) -> _Layout:
+    """The layout of an open mask. Rows' byte ranges: for a local file, where pyarrow's
+    zero-copy buffers point in its memory map; for a remote one (or ``parse``), from the
+    footer and batch headers (``ipc``), the small columns alone being fetched."""
+    parse = src.remote if parse is None else parse
+    if parse:
+        reader, positions = _parsed(src)
+    else:
+        reader, _ = open_reader(src.native(), src.location)
+        base = src.read(0, 1).address  # the map's first byte (a valid mask is not empty)
+
+        def positions(b: int, rb: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+            offs, data = bits_offsets(rb)
+            # No bytes of bits (an empty tensor): pyarrow's own empty buffer, not in the map.
+            at = data.address - base if data.size else 0
+            return np.diff(offs), offs[:-1].astype(np.int64) + at
+
+    tensors: list[str] = []
+    shapes: dict[str, list[int]] = {}
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("chunk", "offset", "length", "changed", "nbytes", "pos")}
+    for b in range(reader.num_record_batches):
+        rb = reader.get_batch(b)
+        if rb.num_rows == 0:
+            continue
+        names = rb.column("tensor").to_pylist()
+        tensors.extend(names)
+        for name, shp in zip(names, rb.column("shape").to_pylist(), strict=True):
+            shapes.setdefault(name, shp)
+        for k in ("chunk", "offset", "length", "changed"):
+            cols[k].append(rb.column(k).to_numpy())
+        nbytes, pos = positions(b, rb)
+        cols["nbytes"].append(nbytes)
+        cols["pos"].append(pos)
+
+    def cat(xs: list[np.ndarray], dtype: Any) -> np.ndarray:
+        return np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype=dtype)
+
+    return _Layout(tensor=tensors, shape=shapes, **{k: cat(v, np.int64) for k, v in cols.items()})
+
+
+def _parsed(src: Source) -> tuple[pa.ipc.RecordBatchFileReader, Any]:
+    """A reader of the small columns and the rows' byte ranges from the footer and the batch
+    headers; for a remote file both come from a few requests fetched ahead (see module doc)."""
     size = src.size
     cache = RangeCache(src)
     if size >= ipc.TAIL:
@@ -117,42 +160,25 @@ def _layout_of(src: Source) -> _Layout:
     reader, _ = open_reader(native, src.location, columns=SMALL_COLUMNS)
     if reader.num_record_batches != len(blocks):
         raise MaskError(f"{src.location}: {reader.num_record_batches} record batches, its footer lists {len(blocks)}")
-    tensors: list[str] = []
-    shapes: dict[str, list[int]] = {}
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("chunk", "offset", "length", "changed", "nbytes", "pos")}
-    for b, blk in enumerate(blocks):
+
+    def positions(b: int, rb: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+        blk = blocks[b]
         head = ipc.batch_header(lambda o, n: cache.read_range(o, n).to_pybytes(), blk)
         rows = head.length
-        if rows == 0:
-            continue
         if head.compressed:
             raise MaskError(f"{src.location}: record batch {b} is compressed; masks are written uncompressed")
-        if head.nodes[_BITS_NODE] != (rows, 0):
+        if rows != rb.num_rows or head.nodes[_BITS_NODE] != (rows, 0):
             raise MaskError(f"{src.location}: record batch {b}'s bits column has nulls or a wrong length")
-        rb = reader.get_batch(b)
-        names = rb.column("tensor").to_pylist()
-        tensors.extend(names)
-        for name, shp in zip(names, rb.column("shape").to_pylist(), strict=True):
-            shapes.setdefault(name, shp)
-        for k in ("chunk", "offset", "length", "changed"):
-            cols[k].append(rb.column(k).to_numpy())
         (off_at, off_len), (data_at, data_len) = head.buffers[_BITS_BUF + 1 : _BITS_BUF + 3]
         if off_len < 4 * (rows + 1):
             raise MaskError(f"{src.location}: record batch {b}'s bits offsets are short")
-        offs = np.frombuffer(cache.read_range(blk.body + off_at, 4 * (rows + 1)), dtype=np.int32).astype(np.int64)
-        if offs[0] < 0 or (np.diff(offs) < 0).any() or offs[-1] > data_len:
+        offs = np.frombuffer(cache.read_range(blk.body + off_at, 4 * (rows + 1)), dtype=np.int32)
+        nbytes = np.diff(offs)
+        if offs[0] < 0 or nbytes.min() < 0 or offs[-1] > data_len:
             raise MaskError(f"{src.location}: record batch {b}'s bits offsets are not within its bits")
-        cols["nbytes"].append(np.diff(offs))
-        cols["pos"].append(blk.body + data_at + offs[:-1])
+        return nbytes, offs[:-1].astype(np.int64) + (blk.body + data_at)
 
-    def cat(xs: list[np.ndarray], dtype: Any) -> np.ndarray:
-        return np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype=dtype)
-
-    return _Layout(
-        tensor=tensors,
-        shape=shapes,
-        **{k: cat(v, np.int64) for k, v in cols.items()},
-    )
+    return reader, positions
 
 
 @dataclass

@@ -39,9 +39,12 @@ from rlsparsity.contracts.mask import MaskWriter, read_mask
 GEN_VERSION = 1
 
 
-def model_layout(target_elems: float) -> list[tuple[str, tuple[int, ...]]]:
-    """A Llama-like state dict (d=2048, ffn=5632, vocab 32000) with enough layers for target_elems."""
-    d, ffn, vocab = 2048, 5632, 32000
+LLAMA_1B = (2048, 5632, 32000)  # d, ffn, vocab
+
+
+def model_layout(target_elems: float, dims: tuple[int, int, int] = LLAMA_1B) -> list[tuple[str, tuple[int, ...]]]:
+    """A Llama-like state dict (d, ffn, vocab = ``dims``) with enough layers for target_elems."""
+    d, ffn, vocab = dims
     per_layer = 4 * d * d + 3 * d * ffn + 2 * d
     fixed = 2 * vocab * d + d
     layers = max(1, math.ceil((target_elems - fixed) / per_layer))
@@ -63,8 +66,8 @@ def model_layout(target_elems: float) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def _write_one(args: tuple[str, int, float]) -> str:
-    path, seed, target = args
+def _write_one(args: tuple[str, int, float, tuple[int, int, int]]) -> str:
+    path, seed, target, dims = args
     rng = np.random.default_rng(seed)
     # Densities of 10-40 % (sparsity 60-90 %, the paper's range); the kernel's speed
     # does not depend on the data.
@@ -76,21 +79,21 @@ def _write_one(args: tuple[str, int, float]) -> str:
         base={"id": "synthetic", "hash": "bench"},
         target={"id": f"synthetic-{seed}"},
     ) as w:
-        for name, shape in model_layout(target):
+        for name, shape in model_layout(target, dims):
             w.add(name, shape, rng.integers(0, 256, size=shape, dtype=np.uint8) < thr)
     return path
 
 
-def ensure_masks(data: Path, count: int, target: float) -> list[Path]:
+def ensure_masks(data: Path, count: int, target: float, dims: tuple[int, int, int] = LLAMA_1B) -> list[Path]:
     data.mkdir(parents=True, exist_ok=True)
     manifest = data / "manifest.json"
-    want = {"version": GEN_VERSION, "target": target}
+    want = {"version": GEN_VERSION, "target": target, **({"dims": list(dims)} if dims != LLAMA_1B else {})}
     have = json.loads(manifest.read_text()) if manifest.exists() else {}
     if {k: have.get(k) for k in want} != want:
         for f in data.glob("*.arrow"):
             f.unlink()
     paths = [data / f"run{k:02d}.arrow" for k in range(count)]
-    todo = [(str(p), k, target) for k, p in enumerate(paths) if not p.exists()]
+    todo = [(str(p), k, target, dims) for k, p in enumerate(paths) if not p.exists()]
     if todo:
         t = time.perf_counter()
         print(

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 BUCKET = "mlflow"
+ARTIFACTS = f"s3://{BUCKET}/artifacts"  # the server's --artifacts-destination
 HOST = "127.0.0.1"
 
 
@@ -64,9 +65,11 @@ class Stack:
         return f"http://{HOST}:{self.s3_port}"
 
     def env(self) -> dict[str, str]:
-        """What a client (a sweep, `overlap`, a test) sets to use the stack."""
+        """What a client (a sweep, `overlap`, a test) sets to use the stack. With the server's
+        artifacts destination, the overlap job's tasks read masks from S3 directly."""
         return {"MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
-                "AWS_ACCESS_KEY_ID": self.s3_access_key, "AWS_SECRET_ACCESS_KEY": self.s3_secret_key}
+                "AWS_ACCESS_KEY_ID": self.s3_access_key, "AWS_SECRET_ACCESS_KEY": self.s3_secret_key,
+                "MLFLOW_ARTIFACTS_DESTINATION": ARTIFACTS}
 
 
 class StackError(RuntimeError):
@@ -189,7 +192,7 @@ def _start_mlflow(root: Path, stack: Stack) -> subprocess.Popen:
     env.pop("MLFLOW_TRACKING_URI")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", HOST, "--port", str(stack.mlflow_port),
-         "--backend-store-uri", stack.backend_uri, "--artifacts-destination", f"s3://{BUCKET}/artifacts",
+         "--backend-store-uri", stack.backend_uri, "--artifacts-destination", ARTIFACTS,
          "--serve-artifacts", "--workers", "2"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
@@ -202,9 +205,10 @@ def _load(root: Path) -> Stack | None:
     return Stack(**json.loads(f.read_text())) if f.exists() else None
 
 
-def start(root: str | Path) -> Stack:
+def start(root: str | Path, *, s3_only: bool = False) -> Stack:
     """Start (or restart on its old ports and data) the stack in `root`; returns it when every
-    service answers: PostgreSQL, the S3 bucket, and the MLflow server's /health."""
+    service answers: PostgreSQL, the S3 bucket, and the MLflow server's /health. `s3_only`:
+    the object store alone (benchmarks/bench_overlap_remote.py)."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o711)  # the postgres user must reach its data directory inside
@@ -219,11 +223,14 @@ def start(root: str | Path) -> Stack:
     state.write_text(json.dumps(asdict(stack), indent=1))
     state.chmod(0o600)
     try:
-        _start_postgres(root, stack)
+        if not s3_only:
+            _start_postgres(root, stack)
         weed = _start_seaweedfs(root, stack)
         _wait(lambda: _s3_ready(stack), "SeaweedFS's S3 gateway", root / "seaweedfs.log", weed)
-        server = _start_mlflow(root, stack)
-        _wait(lambda: _http_ok(f"{stack.tracking_uri}/health"), "mlflow server", root / "mlflow.log", server, timeout=120)
+        if not s3_only:
+            server = _start_mlflow(root, stack)
+            _wait(lambda: _http_ok(f"{stack.tracking_uri}/health"), "mlflow server", root / "mlflow.log", server,
+                  timeout=120)
     except BaseException:
         stop(root)
         raise

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from services import free_port, start_mlflow_server, stop_process_group
+from services import free_port, load_infra, start_mlflow_server, stop_process_group
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +72,27 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_process_group(proc)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[object]:
+    """The one-machine tracking stack (infra/tracking_stack.py: PostgreSQL + SeaweedFS's S3 +
+    `mlflow server --serve-artifacts`), started once per session (about 25 s)."""
+    import shutil
+    import tempfile
+    import time
+
+    tracking_stack = load_infra("tracking_stack")
+    # Not under pytest's tmp_path: its 0700 parents keep the postgres user out.
+    root = Path(tempfile.mkdtemp(prefix="rls-stack-", dir="/tmp"))
+    t0 = time.perf_counter()
+    try:
+        started = tracking_stack.start(root)  # stops what it started if it fails
+        print(f"tracking stack up in {time.perf_counter() - t0:.1f} s")
+        yield started
+    finally:
+        tracking_stack.stop(root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,7 +14,7 @@ import pytest
 from rlsparsity.analysis import overlap as ov
 from rlsparsity.analysis.overlap import OverlapError, compute_overlap, engine, kernels, plan_ranges
 from rlsparsity.contracts.layers import layer_of, matrix_type
-from rlsparsity.contracts.mask import CHUNK_ELEMS, MaskError, MaskWriter
+from rlsparsity.contracts.mask import CHUNK_ELEMS, MaskError, MaskWriter, read_meta
 
 # Sizes chosen to be multiples of neither 8 nor CHUNK_ELEMS; one tensor spans two chunks
 # (the second short), tiny tensors share packs, and an empty tensor has a zero-length row.
@@ -369,7 +369,7 @@ def test_claimed_checksum_is_not_trusted(mask_set, tmp_path, capsys) -> None:
     paths, _ = mask_set
     forged = tmp_path / "forged.arrow"
     _rewrite(paths[1], forged, flip=True)
-    assert ov.engine.read_meta(forged)["checksum"] == ov.engine.read_meta(paths[1])["checksum"]
+    assert read_meta(forged)["checksum"] == read_meta(paths[1])["checksum"]
     # The pair claims one checksum: before, taken as identical without reading (Jaccard 1.0).
     with pytest.raises(MaskError, match="forged .*checksum mismatch"):
         compute_overlap([paths[1], forged], ["orig", "forged"], use_ray=False, use_cache=False)

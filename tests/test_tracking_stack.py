@@ -4,34 +4,20 @@ PostgreSQL holds every run, the S3 store every mask, each mask's bits verified."
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from services import load_infra
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-tracking_stack = load_infra("tracking_stack")
-
-
-@pytest.fixture(scope="module")
-def stack():
-    # Not under pytest's tmp_path: its 0700 parents keep the postgres user out.
-    root = Path(tempfile.mkdtemp(prefix="rls-stack-", dir="/tmp"))
-    t0 = time.perf_counter()
-    started = tracking_stack.start(root)
-    print(f"tracking stack up in {time.perf_counter() - t0:.1f} s")
-    yield started
-    tracking_stack.stop(root)
-    shutil.rmtree(root, ignore_errors=True)
+# The `stack` fixture (conftest.py) is started once per session and shared with
+# test_overlap_multinode.py.
 
 
 def test_a_sweep_and_the_overlap_job_land_in_postgres_and_the_object_store(stack, embedded_model_dir, tmp_path):

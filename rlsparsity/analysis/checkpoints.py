@@ -2,8 +2,10 @@
 
 A side is a local Hugging Face model directory (one ``model.safetensors``, shards listed by
 ``model.safetensors.index.json``, or any ``*.safetensors`` files), a single
-``.safetensors`` file, or a hub id downloaded with ``huggingface_hub.snapshot_download``
-(safetensors and JSON files only, and only the weight files the model uses).
+``.safetensors`` file, a hub id downloaded with ``huggingface_hub.snapshot_download``
+(safetensors and JSON files only, and only the weight files the model uses), or the same
+layouts under an ``s3://`` prefix, read in place (``checkpoint_store``: headers by ranged
+requests; the readers of the tensors, Ray workers under ``--ray``, fetch their ranges).
 
 Listing reads only headers: ``safetensors.safe_open`` validates each file (a truncated or
 corrupt file fails here, with its name in the error) and the header JSON gives each
@@ -138,11 +140,11 @@ class Checkpoint:
     """One resolved side: its files and every stored tensor (no data read)."""
 
     spec: str  # what the user gave (path or hub id)
-    root: Path
-    files: list[Path]
+    root: Path | str  # str: an s3:// prefix
+    files: list[Path] | list[str]
     tensors: dict[str, TensorInfo]
     config: dict[str, Any] = field(default_factory=dict)
-    source: str = "local"  # "local" or "hub"
+    source: str = "local"  # "local", "hub" or "s3"
     revision: str | None = None
     commit: str | None = None
 
@@ -165,7 +167,7 @@ class Checkpoint:
             "path": str(self.root),
             "revision": self.revision,
             "commit": self.commit,
-            "files": [f.name for f in self.files],
+            "files": [os.path.basename(str(f)) for f in self.files],
         }
 
 
@@ -181,6 +183,10 @@ def open_checkpoint(
 ) -> Checkpoint:
     """Resolve ``spec`` (local dir/file or hub id) and list its tensors. ``label`` prefixes errors."""
     spec = str(spec)
+    if spec.startswith("s3://"):
+        if revision:
+            raise CheckpointError(f"{label}: {spec} is in an object store; --revision applies to hub ids only")
+        return _open_remote(spec, label=label)
     path = Path(spec).expanduser()
     if path.exists():
         if revision:
@@ -200,36 +206,42 @@ def _refuse_pickle(label: str, where: str, pickles: list[str]) -> CheckpointErro
     return CheckpointError(f"{label}: {where} has only pickle weights ({shown}). {_PICKLE_EXPLAINED}")
 
 
-def _weight_files(root: Path, label: str) -> list[Path]:
-    index = root / INDEX_NAME
-    if index.is_file():
-        weight_map = _read_index(index)
-        files = []
-        for name in dict.fromkeys(weight_map.values()):
-            f = root / name
-            if not f.is_file():
-                raise CheckpointError(f"{label}: {index} lists shard {name}, which does not exist")
-            files.append(f)
-        return files
-    if (root / SINGLE_NAME).is_file():
-        return [root / SINGLE_NAME]
-    found = sorted(root.glob("*.safetensors"))
+def _choose_weights(names: list[str], weight_map: dict[str, str] | None, where: str, label: str) -> list[str]:
+    """The weight files of a model folder holding ``names``: the index's shards, else
+    model.safetensors, else every *.safetensors; pickles only are refused."""
+    if weight_map is not None:
+        shards = list(dict.fromkeys(weight_map.values()))
+        for name in shards:
+            if name not in names:
+                raise CheckpointError(f"{label}: {where}/{INDEX_NAME} lists shard {name}, which does not exist")
+        return shards
+    if SINGLE_NAME in names:
+        return [SINGLE_NAME]
+    found = sorted(n for n in names if n.endswith(".safetensors"))
     if found:
         return found
-    pickles = _pickles([p.name for p in root.iterdir() if p.is_file()])
-    if pickles:
-        raise _refuse_pickle(label, str(root), pickles)
-    raise CheckpointError(f"{label}: {root} contains no *.safetensors weights")
+    if _pickles(names):
+        raise _refuse_pickle(label, where, _pickles(names))
+    raise CheckpointError(f"{label}: {where} contains no *.safetensors weights")
+
+
+def _weight_files(root: Path, label: str) -> list[Path]:
+    index = root / INDEX_NAME
+    names = [p.name for p in root.iterdir() if p.is_file()]
+    return [root / n for n in _choose_weights(names, _read_index(index) if index.is_file() else None, str(root), label)]
 
 
 def _read_index(index: Path) -> dict[str, str]:
     try:
-        data = json.loads(index.read_text())
-        weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return _parse_index(json.loads(index.read_text()), str(index))
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+
+
+def _parse_index(data: Any, where: str) -> dict[str, str]:
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{where}: not a valid safetensors index (no weight_map object)")
     return {str(k): str(v) for k, v in weight_map.items()}
 
 
@@ -247,17 +259,6 @@ def _open_local(path: Path, *, spec: str, label: str, **extra: Any) -> Checkpoin
     else:
         root, files = path, _weight_files(path, label)
         use_index = (root / INDEX_NAME).is_file()
-    tensors: dict[str, TensorInfo] = {}
-    for f in files:
-        for name, info in list_file(f).items():
-            if name in tensors:
-                raise CheckpointError(f"{label}: tensor {name!r} is stored twice, in {tensors[name].file} and {f}")
-            tensors[name] = info
-    if use_index:
-        index = root / INDEX_NAME
-        for name, shard in _read_index(index).items():
-            if name not in tensors or Path(tensors[name].file).name != shard:
-                raise CheckpointError(f"{label}: {index} maps {name!r} to {shard}, but {root / shard} does not contain it")
     config: dict[str, Any] = {}
     cfg = root / "config.json"
     if cfg.is_file():
@@ -265,13 +266,33 @@ def _open_local(path: Path, *, spec: str, label: str, **extra: Any) -> Checkpoin
             config = json.loads(cfg.read_text())
         except ValueError as e:
             raise CheckpointError(f"{label}: {cfg} is not valid JSON ({e})") from e
+    index = _read_index(root / INDEX_NAME) if use_index else None
+    listed = ((str(f), list_file(f)) for f in files)
+    return _assemble(spec, root, files, listed, index, config, label, **extra)
+
+
+def _assemble(
+    spec: str, root: Any, files: list[Any], listed: Any, index: dict[str, str] | None,
+    config: dict[str, Any], label: str, **extra: Any,
+) -> Checkpoint:  # fmt: skip
+    """The Checkpoint of listed files ``(file, {name: TensorInfo})``: every tensor stored
+    once, and where the index maps it."""
+    tensors: dict[str, TensorInfo] = {}
+    for f, infos in listed:
+        for name, info in infos.items():
+            if name in tensors:
+                raise CheckpointError(f"{label}: tensor {name!r} is stored twice, in {tensors[name].file} and {f}")
+            tensors[name] = info
+    for name, shard in (index or {}).items():
+        if name not in tensors or os.path.basename(tensors[name].file) != shard:
+            raise CheckpointError(f"{label}: {root}/{INDEX_NAME} maps {name!r} to {shard}, but {root}/{shard} does not contain it")
     return Checkpoint(spec=spec, root=root, files=files, tensors=tensors, config=config, **extra)
 
 
 def hub_weight_files(repo_id: str, revision: str | None, meta_root: Path, label: str) -> list[str]:
     """The weight files of hub repo ``repo_id`` to download, given its JSON files in ``meta_root``
-    (a snapshot): the index's shards, else ``model.safetensors``, else every top-level
-    ``*.safetensors``. Pickle-only repos are refused; offline, every safetensors file."""
+    (a snapshot), by the rule of a local folder (`_choose_weights`) over the repo's top-level
+    files; offline, every safetensors file."""
     import huggingface_hub as hf
 
     if (meta_root / INDEX_NAME).is_file():
@@ -280,19 +301,38 @@ def hub_weight_files(repo_id: str, revision: str | None, meta_root: Path, label:
         names = hf.list_repo_files(repo_id, revision=revision)
     except Exception:  # noqa: BLE001 - offline: fall back to every safetensors file
         return ["*.safetensors"]
-    top = sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
-    if SINGLE_NAME in top:
-        return [SINGLE_NAME]
-    if top:
-        return top
-    if _pickles(names):
-        raise _refuse_pickle(label, f"hub repo {repo_id} (revision {revision or 'main'})", _pickles(names))
-    raise CheckpointError(f"{label}: hub repo {repo_id} has no *.safetensors weights")
+    top = [n for n in names if "/" not in n]
+    return _choose_weights(top, None, f"hub repo {repo_id} (revision {revision or 'main'})", label)
 
 
 def is_hub_id(spec: str) -> bool:
     """Whether ``spec`` has the form of a hub id (``name`` or ``org/name``) rather than a path."""
     return bool(_HUB_ID.match(spec)) and not spec.startswith((".", "~"))
+
+
+def _open_remote(uri: str, *, label: str) -> Checkpoint:
+    """An s3:// model prefix, shard or index: only the headers and JSON files are read here."""
+    from rlsparsity.analysis import checkpoint_store as store
+    from rlsparsity.analysis.object_store import StoreError
+
+    try:
+        name = uri.rstrip("/").rpartition("/")[2]
+        if name.endswith(PICKLE_SUFFIXES):
+            raise _refuse_pickle(label, uri, [name])
+        single = name.endswith(".safetensors")
+        root = uri.rpartition("/")[0] if single or name == INDEX_NAME else uri.rstrip("/")
+        names = store.list_names(root)
+        if (single or name == INDEX_NAME) and name not in names:
+            raise CheckpointError(f"{label}: {uri} does not exist")
+        index = None
+        if INDEX_NAME in names and not single:
+            index = _parse_index(store.read_json(f"{root}/{INDEX_NAME}"), f"{root}/{INDEX_NAME}")
+        files = [uri] if single else [f"{root}/{n}" for n in _choose_weights(names, index, root, label)]
+        config = store.read_json(f"{root}/config.json") if "config.json" in names else {}
+        listed = [(f, tensors_from_header(*store.read_header(f), f)) for f in files]
+    except StoreError as e:
+        raise CheckpointError(f"{label}: {e}") from e
+    return _assemble(uri, root, files, listed, index, config, label, source="s3")
 
 
 def _open_hub(repo_id: str, *, revision: str | None, cache_dir: Any, label: str) -> Checkpoint:
@@ -329,17 +369,20 @@ def list_file(path: str | os.PathLike) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupt?): {e}") from e
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from e
-    data_start = 8 + n
+    return tensors_from_header({k: header[k] for k in keys}, 8 + n, str(path))
+
+
+def tensors_from_header(header: dict[str, Any], data_start: int, file: str) -> dict[str, TensorInfo]:
+    """TensorInfos of a validated safetensors header (tensor entries only) of ``file``."""
     out: dict[str, TensorInfo] = {}
-    for name in keys:
-        entry = header[name]
+    for name, entry in header.items():
         begin, end = entry["data_offsets"]
         info = TensorInfo(
             name=name, dtype=entry["dtype"], shape=tuple(int(d) for d in entry["shape"]),
-            file=str(path), offset=data_start + int(begin), nbytes=int(end) - int(begin),
+            file=file, offset=data_start + int(begin), nbytes=int(end) - int(begin),
         )
         if info.dtype in DTYPES and info.nbytes != info.numel * info.itemsize:
-            raise CheckpointError(f"{path}: tensor {name!r} has {info.nbytes} bytes for shape {list(info.shape)} {info.dtype}")
+            raise CheckpointError(f"{file}: tensor {name!r} has {info.nbytes} bytes for shape {list(info.shape)} {info.dtype}")
         out[name] = info
     return out
 
@@ -349,11 +392,25 @@ def list_file(path: str | os.PathLike) -> dict[str, TensorInfo]:
 
 class Reader:
     """Positional reads of element ranges; one file descriptor per file, shared by threads
-    (``preadv`` has no file position, so concurrent reads need no locking)."""
+    (``preadv`` has no file position, so concurrent reads need no locking). An ``s3://``
+    file is read with one ranged request per call, credentials from the environment."""
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
+        self._remote: dict[str, Any] = {}  # object_store.Source per s3:// file
         self._lock = threading.Lock()
+
+    def _read_remote(self, info: TensorInfo, pos: int, buf: np.ndarray) -> None:
+        from rlsparsity.analysis.object_store import StoreError, open_source
+
+        try:
+            with self._lock:
+                src = self._remote.get(info.file)
+                if src is None:
+                    src = self._remote[info.file] = open_source(info.file)
+            buf[:] = np.frombuffer(src.read(pos, buf.size), dtype=np.uint8)
+        except StoreError as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r}: {e}") from e
 
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
@@ -391,6 +448,9 @@ class Reader:
         buf = np.empty(nbytes, dtype=np.uint8) if out is None else out[:nbytes]
         view = memoryview(buf)
         pos, got = info.offset + start * itemsize, 0
+        if info.file.startswith("s3://"):
+            self._read_remote(info, pos, buf)
+            return buf
         fd = self._fd(info.file)
         while got < nbytes:
             try:
@@ -407,6 +467,9 @@ class Reader:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            for src in self._remote.values():
+                src.close()
+            self._remote.clear()
 
     def __enter__(self) -> Reader:
         return self

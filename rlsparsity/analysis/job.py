@@ -1,7 +1,8 @@
 """The overlap analysis of a sweep, from MLflow to MLflow (docs/DESIGN.md, "MLflow layout").
 
-Finds the sweep's trial runs, fetches their mask artifacts through MLflow (any artifact
-backend: local folder, S3, GCS, an mlflow-artifacts server, ...), computes the pairwise
+Finds the sweep's trial runs, locates their mask artifacts where the Ray tasks can read
+them in place (``artifact_locations``: an S3 store, an MLflow server, a local folder), or
+downloads them through MLflow for other backends (GCS, Azure, ...), computes the pairwise
 overlap on Ray and records an analysis run nested under the sweep run. The analysis run
 ends FINISHED only when every step succeeded; any error marks it FAILED and is re-raised.
 """
@@ -18,7 +19,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from rlsparsity.analysis.artifact_locations import (
+    DESTINATION_ENV,
+    artifact_location,
+    read_through_server,
+)
 from rlsparsity.analysis.mlflow_runs import search_all_runs
+from rlsparsity.analysis.object_store import StoreError, supports_ranges
 from rlsparsity.analysis.overlap import (
     DEFAULT_FACTORS,
     OverlapError,
@@ -143,18 +150,8 @@ def _factors(run: Any, keys: Sequence[str]) -> dict[str, Any]:
     return {k: tags.get(k, params.get(k)) for k in keys}
 
 
-def fetch_mask(
-    client: Any,
-    tracking_uri: str,
-    run: Any,
-    label: str,
-    artifact: str,
-    cache_root: Path | None,
-    tmp: Path,
-) -> Path:
-    """Local path of a trial's mask artifact, downloaded through MLflow (cached by run id)."""
-    import mlflow.artifacts
-
+def _listed(client: Any, run: Any, label: str, artifact: str) -> Any:
+    """The artifact's listing entry (size), or OverlapError naming what the run holds."""
     run_id = run.info.run_id
     folder, _, name = artifact.rpartition("/")
     try:
@@ -171,6 +168,31 @@ def fetch_mask(
         raise OverlapError(
             f"trial {label} (run {run_id}) has no artifact {artifact} ({folder}/ holds {have})"
         )
+    return info
+
+
+def locate_mask(client: Any, tracking_uri: str, run: Any, label: str, artifact: str) -> str | None:
+    """Where the tasks read a trial's mask in place (``s3://``, a server URL, a path), or
+    None when its artifact store can only be downloaded from."""
+    _listed(client, run, label, artifact)
+    return artifact_location(run.info.artifact_uri, artifact, tracking_uri)
+
+
+def fetch_mask(
+    client: Any,
+    tracking_uri: str,
+    run: Any,
+    label: str,
+    artifact: str,
+    cache_root: Path | None,
+    tmp: Path,
+) -> Path:
+    """Local path of a trial's mask artifact, downloaded through MLflow (cached by run id):
+    for artifact stores the tasks cannot read in place."""
+    import mlflow.artifacts
+
+    run_id = run.info.run_id
+    info = _listed(client, run, label, artifact)
     if cache_root is not None:
         # Artifacts of a finished run do not change: keep one local copy per run id, so
         # re-running the analysis downloads (and reads) nothing.
@@ -253,6 +275,9 @@ def run_overlap_analysis(
             from rlsparsity.analysis.report import print_report
 
             print_report(result, console)
+            note = _reads_note(result.meta["mask_reads"])
+            if note and console is not None:
+                console.print(f"[yellow]{note}[/yellow]", highlight=False)
         if run_id is not None:
             _log_result(client, run_id, result, step)
             client.set_terminated(run_id, "FINISHED")
@@ -289,16 +314,52 @@ def _analyse(
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rlsparsity-overlap-")))
         art_root = cache_root / "artifacts" if use_cache else None
-        paths = [
-            fetch_mask(client, tracking_uri, t, lab, artifact, art_root, tmp)
+        located = [
+            locate_mask(client, tracking_uri, t, lab, artifact)
             for t, lab in zip(trials, labels, strict=True)
         ]
+        served = [loc for loc in located if loc and read_through_server(loc)]
+        ranged = not served or _supports_ranges(served[0])
+        paths = [
+            loc if loc and (ranged or not read_through_server(loc))
+            else fetch_mask(client, tracking_uri, t, lab, artifact, art_root, tmp)
+            for loc, t, lab in zip(located, trials, labels, strict=True)
+        ]  # fmt: skip
         result = compute_overlap(
             paths, labels, use_ray=use_ray, workers=workers, factors=factors, factor_keys=keys,
             cache_dir=cache_root, use_cache=use_cache, progress=progress,
         )  # fmt: skip
     result.meta["run_ids"] = ids
+    kinds = {_read_kind(str(p)) for p in paths}
+    result.meta["mask_reads"] = sorted(kinds | ({"downloaded"} if not ranged else set()))
     return result
+
+
+def _supports_ranges(location: str) -> bool:
+    try:
+        return supports_ranges(location)
+    except StoreError as e:
+        raise OverlapError(f"cannot read {location} through the MLflow server: {e}") from e
+
+
+def _read_kind(location: str) -> str:
+    if location.startswith("s3://"):
+        return "s3"
+    return "mlflow server" if read_through_server(location) else "local"
+
+
+def _reads_note(kinds: list[str]) -> str | None:
+    """What the user should know about how the masks were read, or None."""
+    fix = (f"Set {DESTINATION_ENV} to the server's --artifacts-destination (and the store's "
+           "credentials) so that the tasks read the store directly.")  # fmt: skip
+    if "downloaded" in kinds:
+        return ("The MLflow server does not answer Range requests for artifacts (MLflow 3.17 streams "
+                "an artifact of a remote store whole), so the masks were downloaded to the driver; "
+                f"on a multi-node cluster that needs a shared disk. {fix}")  # fmt: skip
+    if "mlflow server" in kinds:
+        return ("The masks were read through the MLflow server with Range requests; each costs the "
+                f"server a read of its store. {fix}")  # fmt: skip
+    return None
 
 
 def _log_result(client: Any, run_id: str, result: OverlapResult, step: int | None) -> None:

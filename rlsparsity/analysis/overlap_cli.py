@@ -33,7 +33,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "masks",
         nargs="*",
-        help="mask files or artifact URIs (runs:/, s3://, mlflow-artifacts:/, file://)",
+        help="mask files or artifact URIs (runs:/, s3://, mlflow-artifacts:/, file://), read in place",
     )
     p.add_argument(
         "--experiment",
@@ -76,10 +76,18 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _fetch_uri(uri: str, tmp: Path, tracking_uri: str, k: int) -> str:
-    if uri.startswith("file://"):
-        return uri[len("file://") :]
-    if "://" not in uri and not uri.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        return uri
+    """Where the tasks read a mask given on the command line: in place (a path, ``s3://``,
+    an MLflow server; ``runs:/`` and ``mlflow-artifacts:/`` resolved), or downloaded."""
+    from rlsparsity.analysis.artifact_locations import read_through_server, uri_location
+    from rlsparsity.analysis.object_store import supports_ranges
+
+    try:
+        located = uri_location(uri, tracking_uri)
+        # A server that ignores Range requests (see artifact_locations): download instead.
+        if located is not None and (not read_through_server(located) or supports_ranges(located)):
+            return located
+    except Exception as e:  # noqa: BLE001 - MLflow raises its own errors for bad runs:/ URIs
+        raise OverlapError(f"cannot resolve {uri}: {e}") from e
     import mlflow.artifacts
 
     try:

@@ -255,19 +255,31 @@ class Mask:
 
 
 def open_reader(
-    source: pa.NativeFile, path: str | os.PathLike
+    source: pa.NativeFile, path: str | os.PathLike, *, columns: Sequence[str] | None = None
 ) -> tuple[pa.ipc.RecordBatchFileReader, dict[str, Any]]:
-    """Open the mask file on ``source`` (a memory map of ``path``): its reader and its
-    validated metadata. Only the footer is read, no bits."""
+    """Open the mask file on ``source`` (any random-access file: a memory map of ``path``,
+    an object store's file): its reader and its validated metadata. Only the footer is
+    read, no bits. ``columns``: the reader's batches hold only these, and reading them
+    reads only their buffers."""
     try:
         reader = pa.ipc.open_file(source)
+        meta = _parse_meta(Path(path), reader.schema)
+        if columns is not None:
+            if reader.schema.names != SCHEMA.names:
+                # included_fields are indices: they name these columns only in SCHEMA's order.
+                raise MaskError(f"{path}: columns {reader.schema.names}, expected {SCHEMA.names} in that order")
+            fields = [SCHEMA.get_field_index(c) for c in columns]
+            reader = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=fields))
     except (pa.ArrowInvalid, OSError) as e:
         raise MaskError(f"{path}: not a readable Arrow IPC mask file, truncated or corrupt ({e})") from e
-    return reader, _parse_meta(Path(path), reader.schema)
+    return reader, meta
 
 
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate only the schema metadata (no bits are touched)."""
+def read_meta(path: str | os.PathLike, *, source: pa.NativeFile | None = None) -> dict[str, Any]:
+    """Read and validate only the schema metadata (no bits are touched). ``source``: the
+    file opened elsewhere (an object store's), ``path`` then only names it."""
+    if source is not None:
+        return open_reader(source, path)[1]
     try:
         with pa.memory_map(str(path)) as src:
             return open_reader(src, path)[1]

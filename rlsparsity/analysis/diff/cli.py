@@ -52,8 +52,10 @@ def add_parser(subparsers: Any) -> None:
             "allenai/Llama-3.1-Tulu-3-8B-DPO -c paper:1e-5  (the paper reports 81.4 % sparsity)"
         ),
     )
-    p.add_argument("base", help="base/SFT side: model directory, .safetensors file, or hub id")
-    p.add_argument("target", metavar="tuned", help="RL-tuned side: model directory, .safetensors file, or hub id")
+    p.add_argument("base", help="base/SFT side: model directory, .safetensors file, hub id, or s3:// prefix")
+    p.add_argument(
+        "target", metavar="tuned", help="RL-tuned side: model directory, .safetensors file, hub id, or s3:// prefix"
+    )
     g = p.add_argument_group("checkpoints")
     g.add_argument("--revision", help="hub revision (branch, tag or commit) for both sides")
     g.add_argument("--base-revision", help="hub revision of the base side (overrides --revision)")
@@ -106,7 +108,8 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument(
         "--ray",
         action="store_true",
-        help="run on Ray tasks (multi-node: the files or --cache-dir must be visible on every node)",
+        help="run on Ray tasks (multi-node: the files or --cache-dir must be visible on every node; "
+        "s3:// sides are read by the workers, credentials from their environment)",
     )
     g.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
     p.set_defaults(func=run)

@@ -158,18 +158,26 @@ def _task_to_dict(t: _Task) -> dict[str, Any]:
     }
 
 
+# Units of a batch in flight at once when a side is in an object store: each unit's ranged
+# requests wait on the network, so the next units' reads overlap this one's counting.
+REMOTE_UNITS_IN_FLIGHT = 4
+
+
 def _ray_batch(tasks: list[dict[str, Any]], criteria: list[str]) -> list[dict[str, Any]]:
     crit = parse_criteria(criteria)
-    out = []
     needs_torch = any(d[s]["dtype"] in _TORCH_CODES for d in tasks for s in ("a", "b") if d[s])
+    remote = any(d[s]["file"].startswith("s3://") for d in tasks for s in ("a", "b") if d[s])
+    units = [
+        _Task(
+            d["pair"], TensorInfo.from_dict(d["a"]) if d["a"] else None, TensorInfo.from_dict(d["b"]) if d["b"] else None,
+            d["start"], d["count"], d["mask"], d["hash_a"], d["hash_b"],
+        )
+        for d in tasks
+    ]  # fmt: skip
+    threads = REMOTE_UNITS_IN_FLIGHT if remote else 1
     with _single_threaded_torch(needs_torch), Reader() as reader:
-        for d in tasks:
-            t = _Task(
-                d["pair"], TensorInfo.from_dict(d["a"]) if d["a"] else None, TensorInfo.from_dict(d["b"]) if d["b"] else None,
-                d["start"], d["count"], d["mask"], d["hash_a"], d["hash_b"],
-            )
-            out.append(_run_task(t, crit, reader).__dict__)
-    return out
+        outs = bounded_map(lambda t: _run_task(t, crit, reader), units, threads, 2 * threads, name="rlsparsity-diff-ray")
+        return [o.__dict__ for o in outs]
 
 
 def _ray_ordered(tasks: Iterable[_Task], criteria: Sequence[Criterion]) -> Iterator[_Out]:

@@ -29,8 +29,9 @@ class OverlapCache:
     ``runs-*.arrow`` (checksum -> per-tensor changed counts) and ``pairs-*.arrow``
     (checksum pair -> per-tensor intersections). Writers add new files atomically, so
     concurrent analyses never corrupt each other. ``verified.json`` remembers which
-    files (by path, size, mtime, ctime, inode, device) have had their bits verified against
-    their checksum; results are keyed by checksums only once the files were verified.
+    files (by path, size, mtime, ctime, inode, device) and which S3 objects (by URI, ETag,
+    size, Last-Modified) have had their bits verified against their checksum; results are
+    keyed by checksums only once the files were verified.
     """
 
     COMPACT_AT = 32
@@ -164,15 +165,3 @@ def _read_arrow_rows(path: Path, cols: tuple[str, ...]) -> list[tuple]:
         return list(zip(*(t.column(c).to_pylist() for c in cols), strict=True))
     except (OSError, pa.ArrowInvalid, KeyError):
         return []  # a file removed by a concurrent compaction, or foreign: ignore
-
-
-def _file_id(path: str) -> dict[str, Any]:
-    # ctime too: unlike mtime it cannot be set back with utime() after an edit in place.
-    st = os.stat(path)
-    return {
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "ctime_ns": st.st_ctime_ns,
-        "ino": st.st_ino,
-        "dev": st.st_dev,
-    }

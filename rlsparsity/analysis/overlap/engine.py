@@ -1,5 +1,9 @@
 """The driver: ``compute_overlap`` reads metadata and layouts, looks pairs up in the cache,
-runs the chunk-range tasks (on Ray or in this process) and verifies what they read."""
+runs the chunk-range tasks (on Ray or in this process) and verifies what they read.
+
+Masks are local paths or object-store locations (``s3://``, an MLflow server's
+``http(s)://…/mlflow-artifacts/artifacts/…``): the driver reads only footers and small
+columns, and each task reads its own rows' bits where the mask lives."""
 
 from __future__ import annotations
 
@@ -7,14 +11,16 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from rlsparsity.analysis.overlap.cache import OverlapCache, _file_id, default_cache_dir
-from rlsparsity.analysis.overlap.layout import _join, _Plan, _read_layout
+from rlsparsity.analysis.object_store import StoreError, identity_of, is_remote, local_path
+from rlsparsity.analysis.overlap.cache import OverlapCache, default_cache_dir
+from rlsparsity.analysis.overlap.layout import _join, _Plan, _read_layout, open_meta
 from rlsparsity.analysis.overlap.planner import _pair_cover, plan_ranges
 from rlsparsity.analysis.overlap.progress import ProgressFn, _progress
 from rlsparsity.analysis.overlap.result import DEFAULT_FACTORS, OverlapResult, _pair_indices
@@ -24,8 +30,9 @@ from rlsparsity.contracts.mask import (
     check_checksum,
     check_compatible,
     check_totals,
-    read_meta,
 )
+
+T = TypeVar("T")
 
 
 class OverlapError(RuntimeError):
@@ -45,7 +52,8 @@ def compute_overlap(
     verify: bool = True,
     progress: bool | ProgressFn = False,
 ) -> OverlapResult:
-    """Pairwise overlap of N mask files (``rlsparsity.mask/1``).
+    """Pairwise overlap of N mask files (``rlsparsity.mask/1``): local paths, or
+    ``s3://`` / MLflow server URLs read in place by the tasks (``analysis.object_store``).
 
     - ``use_ray``: run the chunk-range tasks on Ray (``ray.init()`` only if no cluster is
       connected yet); otherwise run them in this process.
@@ -57,8 +65,9 @@ def compute_overlap(
     - ``verify``: check every mask's bits against its checksum (from the digests of the rows
       read) before any result keyed by that checksum is used, so a tampered file that claims
       another's checksum is refused, cache or no cache. A file verified earlier and unchanged
-      since (same path, size, mtime, ctime, inode, device, checksum) is not read again.
-      ``verify=False`` trusts the claimed checksums.
+      since (same path, size, mtime, ctime, inode, device, checksum; for an S3 object the
+      same URI, ETag, size and Last-Modified) is not read again. ``verify=False`` trusts
+      the claimed checksums.
     - ``progress``: True for a rich progress bar with throughput, or a callback.
 
     Raises ``MaskError`` for incompatible, malformed or corrupt masks.
@@ -77,13 +86,12 @@ def compute_overlap(
         raise OverlapError(f"{len(factors)} factor sets for {len(paths)} masks")
     n = len(paths)
 
-    # 1. Metadata only: fail on incompatible inputs before touching any bits.
-    metas = []
-    for p, lab in zip(paths, labels, strict=True):
-        try:
-            metas.append(read_meta(p))
-        except MaskError as e:
-            raise MaskError(f"{lab}: {e}") from e
+    # 1. Metadata only: fail on incompatible inputs before touching any bits. Each mask's
+    # identity is taken as it is opened, before any read, so a mask changed afterwards is
+    # caught (below) rather than trusted.
+    t_meta = time.perf_counter()
+    metas, ids, stable, meta_io = _open_all(paths, labels)
+    meta_io["meta_s"] = time.perf_counter() - t_meta
     check_compatible(metas, labels)
     checksums = [str(m["checksum"]) for m in metas]
     total_elems = {int(m["total_elems"]) for m in metas}
@@ -99,13 +107,12 @@ def compute_overlap(
 
     # Nothing keyed by a checksum (the identical-mask shortcut, the cache's counts) is trusted
     # before the file's bits were verified against that checksum: in this call, or in an
-    # earlier one on this very file, unchanged since (path, size, mtime, ctime, inode).
-    # The identities are taken before any read, so a file changed mid-read is verified again.
-    ids = [_file_id(p) for p in paths]
+    # earlier one on this very file or object, unchanged since (its identity).
+    keys = [_memo_key(p) for p in paths]
     memo = cache.verified() if cache is not None else {}
     need_verify = [
-        verify and not _verified_before(memo, p, c, i)
-        for p, c, i in zip(paths, checksums, ids, strict=True)
+        verify and not (st and _verified_before(memo, k, c, i))
+        for k, c, i, st in zip(keys, checksums, ids, stable, strict=True)
     ]
 
     # 2. Which pairs are missing from the cache? With all present and verified, no mask is read.
@@ -156,12 +163,16 @@ def compute_overlap(
         "workers": 0,
         "verified": [labels[k] for k in range(n) if need_verify[k]],
     }
+    if meta_io["requests"]:
+        stats["remote"] = {**meta_io, "layout_requests": 0, "layout_bytes": 0, "layout_s": 0.0,
+                           "task_requests": 0, "task_bytes": 0, "task_bits": 0, "task_wait_s": 0.0}  # fmt: skip
     # 3. Compute the missing pairs (masks in the cover go first in the stack, the others are
     # read for their columns), or only read the masks still to verify.
     computed: dict[tuple[str, str], np.ndarray] = {}
     if missing or any(need_verify):
         if plan is None:
             plan, _ = _load_plan(paths, labels, metas, chunk_elems, layout_hash)
+        _count_layout_io(plan, stats)
         cover = _pair_cover(n, missing)
         if missing:
             order = cover + [k for k in range(n) if k not in cover]
@@ -182,6 +193,11 @@ def compute_overlap(
                 if checksums[i] != checksums[j]:
                     computed[(checksums[i], checksums[j])] = done_inter[:, a, b]
         stats["pairs_computed"] = len({OverlapCache.key(*k) for k in computed})
+        # A mask replaced while its bits were read would have been verified (or counted)
+        # from a mix of versions: refuse it, and leave nothing of it in the cache.
+        for k in range(n):
+            if identity_of(paths[k]) != ids[k]:
+                raise MaskError(f"{labels[k]} ({paths[k]}) changed while it was being read; run the analysis again")
     if cache is not None:
         if plan is not None or computed:
             cache.save(
@@ -189,9 +205,9 @@ def compute_overlap(
             )  # type: ignore[misc]
         cache.mark_verified(
             {
-                os.path.realpath(paths[k]): {"checksum": checksums[k], "id": ids[k]}
+                keys[k]: {"checksum": checksums[k], "id": ids[k]}
                 for k in range(n)
-                if need_verify[k]
+                if need_verify[k] and stable[k]
             }
         )
 
@@ -219,9 +235,90 @@ def compute_overlap(
     )
 
 
-def _verified_before(memo: dict[str, Any], path: str, checksum: str, file_id: dict) -> bool:
-    ent = memo.get(os.path.realpath(path))
-    return bool(ent) and ent.get("checksum") == checksum and ent.get("id") == file_id
+def _task_specs(
+    plan: _Plan, ranges: list[tuple[int, int]], pos: np.ndarray, changed: np.ndarray,
+    paths: list[str], labels: list[str], n_new: int, verify: list[bool],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Each task's arguments: locations and row coordinates only. A task opens the masks
+    itself, with the endpoint and credentials of its own environment; none are passed."""
+    return [
+        {
+            "r0": r0,
+            "r1": r1,
+            "paths": paths,
+            "labels": labels,
+            "pos": pos[:, r0:r1],
+            "changed": changed[:, r0:r1],
+            "nbytes": plan.row_nbytes[r0:r1],
+            "row_tensor": plan.row_tensor[r0:r1],
+            "chunk": plan.row_chunk[r0:r1],
+            "tensor_names": {
+                int(t): plan.tensor_names[t] for t in np.unique(plan.row_tensor[r0:r1])
+            },
+            "n_new": n_new,
+            "verify": verify,
+        }
+        for r0, r1 in ranges
+    ]
+
+
+def _ray_task(spec: dict[str, Any]) -> dict[str, Any]:
+    """``overlap_task`` as a Ray task, noting the node it ran on."""
+    import ray
+
+    out = overlap_task(spec)
+    out["node"] = ray.get_runtime_context().get_node_id()
+    return out
+
+
+def _memo_key(location: str) -> str:
+    return location if is_remote(location) else os.path.realpath(local_path(location))
+
+
+def _verified_before(memo: dict[str, Any], key: str, checksum: str, ident: dict) -> bool:
+    ent = memo.get(key)
+    return bool(ent) and ent.get("checksum") == checksum and ent.get("id") == ident
+
+
+def _open_all(
+    paths: list[str], labels: list[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[bool], dict[str, int]]:
+    """Every mask's metadata, identity and whether that identity is stable; remote ones
+    concurrently (a few requests each)."""
+
+    def one(path: str, label: str) -> tuple[dict[str, Any], dict[str, Any], bool, int, int]:
+        meta, src = open_meta(path, label)
+        with src:
+            return meta, src.identity, src.stable, src.requests, src.bytes
+
+    got = _per_mask(one, paths, labels, threads=8)
+    io = {"meta_requests": sum(g[3] for g in got), "meta_bytes": sum(g[4] for g in got)}
+    io["requests"] = io["meta_requests"]
+    return [g[0] for g in got], [g[1] for g in got], [g[2] for g in got], io
+
+
+def _per_mask(fn: Callable[[str, str], T], paths: list[str], labels: list[str], threads: int) -> list[T]:
+    """``fn(path, label)`` for every mask; concurrently when several are remote (their
+    reads wait on the network). A store's error names the mask."""
+
+    def one(k: int) -> T:
+        try:
+            return fn(paths[k], labels[k])
+        except StoreError as e:
+            raise OverlapError(f"{labels[k]}: {e}") from e
+
+    remote = sum(is_remote(p) for p in paths)
+    if remote > 1:
+        with ThreadPoolExecutor(min(threads, remote), thread_name_prefix="rls-masks") as ex:
+            return list(ex.map(one, range(len(paths))))
+    return [one(k) for k in range(len(paths))]
+
+
+def _count_layout_io(plan: _Plan, stats: dict[str, Any]) -> None:
+    if "remote" in stats and not stats["remote"]["layout_requests"]:
+        stats["remote"]["layout_requests"] = sum(lay.io.get("requests", 0) for lay in plan.layouts)
+        stats["remote"]["layout_bytes"] = sum(lay.io.get("bytes", 0) for lay in plan.layouts)
+        stats["remote"]["layout_s"] = plan.read_s
 
 
 def _load_plan(
@@ -234,8 +331,10 @@ def _load_plan(
     """The joined layout of the masks' small columns (which must be the cached layout, when
     there is one), and each mask's changed counts per tensor, checked against its metadata's
     totals."""
-    layouts = [_read_layout(p, lab) for p, lab in zip(paths, labels, strict=True)]
+    t0 = time.perf_counter()
+    layouts = _per_mask(_read_layout, paths, labels, threads=4)
     plan = _join(layouts, labels, paths, chunk_elems)
+    plan.read_s = time.perf_counter() - t0
     if cached_layout is not None and plan.layout_hash != cached_layout:
         raise MaskError("mask layout changed since it was cached; clear the overlap cache")
     counts = []
@@ -269,8 +368,7 @@ def _run_tasks(
     n = len(order)
     file_row = plan.file_row[order]
     layouts = [plan.layouts[k] for k in order]
-    batch = np.stack([lay.batch[file_row[k]] for k, lay in enumerate(layouts)])
-    in_batch = np.stack([lay.in_batch[file_row[k]] for k, lay in enumerate(layouts)])
+    pos = np.stack([lay.pos[file_row[k]] for k, lay in enumerate(layouts)])
     changed = np.stack([lay.changed[file_row[k]] for k, lay in enumerate(layouts)])
     words = (plan.row_nbytes + 7) // 8
 
@@ -284,28 +382,9 @@ def _run_tasks(
     else:
         workers = 1
     ranges = plan_ranges(words, n, n_new, sum(verify), workers)
-    specs = [
-        {
-            "r0": r0,
-            "r1": r1,
-            "paths": paths,
-            "labels": labels,
-            "batch": batch[:, r0:r1],
-            "in_batch": in_batch[:, r0:r1],
-            "changed": changed[:, r0:r1],
-            "nbytes": plan.row_nbytes[r0:r1],
-            "row_tensor": plan.row_tensor[r0:r1],
-            "chunk": plan.row_chunk[r0:r1],
-            "tensor_names": {
-                int(t): plan.tensor_names[t] for t in np.unique(plan.row_tensor[r0:r1])
-            },
-            "n_new": n_new,
-            "verify": verify,
-        }
-        for r0, r1 in ranges
-    ]
+    specs = _task_specs(plan, ranges, pos, changed, paths, labels, n_new, verify)
     total_bytes = int(plan.row_nbytes.sum()) * n
-    stats.update(tasks=len(specs), workers=workers, task_s=0.0, task_cpu_s=0.0)
+    stats.update(tasks=len(specs), workers=workers, task_s=0.0, task_cpu_s=0.0, task_log=[])
 
     T = len(plan.tensor_names)
     R = len(plan.row_tensor)
@@ -319,12 +398,21 @@ def _run_tasks(
         stats["bytes_read"] += out["bytes"]
         stats["task_s"] += out["task_s"]
         stats["task_cpu_s"] += out["cpu_s"]
+        io = out["io"]
+        if "remote" in stats:
+            for k in ("requests", "bytes", "bits", "wait_s"):
+                stats["remote"][f"task_{k}"] += io[k]
+        stats["task_log"].append({"r0": out["r0"], "r1": out["r1"], "node": out.get("node"),
+                                  "task_s": round(out["task_s"], 4), **io})  # fmt: skip
 
     with _progress(progress, total_bytes, f"overlap of {n} masks") as advance:
         if use_ray:
             import ray
 
-            remote = ray.remote(num_cpus=1, max_retries=1)(overlap_task)
+            # Tasks reading an object store go to as many nodes as possible: each node's
+            # network adds bandwidth.
+            spread = "SPREAD" if any(is_remote(p) for p in paths) else "DEFAULT"
+            remote = ray.remote(num_cpus=1, max_retries=1, scheduling_strategy=spread)(_ray_task)
             pending = list(reversed(specs))
             running: list[Any] = []
             try:

@@ -1,5 +1,11 @@
-"""The small columns of every mask file (all but the bits, whose sizes come from the bits
-column's offsets), read through a memory map, and their join on (tensor, chunk) across masks."""
+"""The small columns of every mask file (all but the bits), the byte range of every row's
+bits, and their join on (tensor, chunk) across masks.
+
+A file is read where it lives (``object_store``): memory-mapped when local; from an object
+store or an MLflow server in a few large requests, the footer first, then every record
+batch's header with the small columns before its bits and the 'changed' column after
+them, all fetched ahead and concurrently (``RangeCache``), so pyarrow's per-buffer reads
+hit memory. The bits themselves are read by the tasks, each only its rows' ranges."""
 
 from __future__ import annotations
 
@@ -7,18 +13,41 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from rlsparsity.contracts.mask import MaskError, bits_offsets, check_chunks, open_reader
+from rlsparsity.analysis.object_store import RangeCache, Source, StoreError, coalesce, open_source
+from rlsparsity.analysis.overlap import ipc
+from rlsparsity.contracts.mask import (
+    CHUNK_ELEMS,
+    SCHEMA,
+    MaskError,
+    bits_offsets,
+    check_chunks,
+    open_reader,
+    read_meta,
+)
+
+SMALL_COLUMNS = ["tensor", "shape", "chunk", "offset", "length", "changed"]
+TAIL_FETCH = 16 << 10  # the file's end: the footer (about 24 bytes per batch), with its length
+# Guesses of a batch's small columns from its body's size (a row per 128 KiB of bits): the
+# columns before the bits (name, shape, chunk, offset, length, the bits' offsets: under
+# 256 bytes a row for names under 150 characters) and 'changed' after them (8 bytes a row).
+# A short guess costs one more request, never a wrong result.
+HEAD_BASE, HEAD_PER_ROW = 1024, 256
+TAIL_BASE, TAIL_PER_ROW = 64, 8
+# Bits between two of those ranges shorter than this are read through: one request fewer
+# costs less than the bytes (a small tensor's bits: norms, biases, small matrices).
+HOLE = 64 << 10
+_BITS_NODE, _BITS_BUF = ipc.column_position(SCHEMA, "bits")
 
 
 @dataclass
 class _Layout:
-    """The small columns of one mask file, in file row order."""
+    """The small columns of one mask file, in file row order, and where each row's bits are."""
 
     tensor: list[str]
     shape: dict[str, list[int]]
@@ -27,51 +56,129 @@ class _Layout:
     length: np.ndarray
     nbytes: np.ndarray  # bytes of bits, from the bits column's offsets
     changed: np.ndarray
-    batch: np.ndarray  # record batch of each row
-    in_batch: np.ndarray  # row index within it
+    pos: np.ndarray  # absolute file offset of each row's bits
+    io: dict[str, int] = field(default_factory=dict)  # remote requests and bytes
 
 
-def _read_layout(path: str, label: str) -> _Layout:
+def open_meta(location: str, label: str) -> tuple[dict[str, Any], Source]:
+    """A mask's validated metadata (footer only) and its source, still open, with the
+    identity seen before anything was read. The caller closes the source."""
+    src = open_source(location)
     try:
-        with pa.memory_map(path) as src:
-            reader, _ = open_reader(src, path)
-            tensors: list[str] = []
-            shapes: dict[str, list[int]] = {}
-            chunk, offset, length, nbytes, changed, batch, in_batch = [], [], [], [], [], [], []
-            for b in range(reader.num_record_batches):
-                rb = reader.get_batch(b)
-                if rb.num_rows == 0:
-                    continue
-                names = rb.column("tensor").to_pylist()
-                tensors.extend(names)
-                for name, shp in zip(names, rb.column("shape").to_pylist(), strict=True):
-                    shapes.setdefault(name, shp)
-                chunk.append(rb.column("chunk").to_numpy())
-                offset.append(rb.column("offset").to_numpy())
-                length.append(rb.column("length").to_numpy())
-                changed.append(rb.column("changed").to_numpy())
-                nbytes.append(np.diff(bits_offsets(rb)[0]).astype(np.int64))
-                batch.append(np.full(rb.num_rows, b, dtype=np.int32))
-                in_batch.append(np.arange(rb.num_rows, dtype=np.int32))
+        if src.remote:
+            cache = RangeCache(src)
+            cache.fetch([(max(0, src.size - TAIL_FETCH), min(src.size, TAIL_FETCH))])
+            meta = read_meta(location, source=pa.PythonFile(cache, mode="r"))
+        else:
+            meta = read_meta(location, source=src.native())
+    except MaskError as e:
+        src.close()
+        raise MaskError(f"{label}: {e}") from e
+    except BaseException:
+        src.close()
+        raise
+    return meta, src
+
+
+def _read_layout(location: str, label: str) -> _Layout:
+    try:
+        with open_source(location) as src:
+            lay = _layout_of(src)
+            lay.io = {"requests": src.requests, "bytes": src.bytes}
+            return lay
+    except StoreError:
+        raise
     except MaskError as e:
         raise MaskError(f"{label}: {e}") from e
+    except ipc.IpcLayoutError as e:
+        raise MaskError(f"{label} ({location}): {e}") from e
     except (pa.ArrowInvalid, OSError) as e:
-        raise MaskError(f"{label} ({path}): not a readable mask file ({e})") from e
+        raise MaskError(f"{label} ({location}): not a readable mask file ({e})") from e
+
+
+def _layout_of(src: Source, *, parse: bool | None = None) -> _Layout:
+    """The layout of an open mask. Rows' byte ranges: for a local file, where pyarrow's
+    zero-copy buffers point in its memory map; for a remote one (or ``parse``), from the
+    footer and batch headers (``ipc``), the small columns alone being fetched."""
+    parse = src.remote if parse is None else parse
+    if parse:
+        reader, positions = _parsed(src)
+    else:
+        reader, _ = open_reader(src.native(), src.location)
+        base = src.read(0, 1).address  # the map's first byte (a valid mask is not empty)
+
+        def positions(b: int, rb: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+            offs, data = bits_offsets(rb)
+            # No bytes of bits (an empty tensor): pyarrow's own empty buffer, not in the map.
+            at = data.address - base if data.size else 0
+            return np.diff(offs), offs[:-1].astype(np.int64) + at
+
+    tensors: list[str] = []
+    shapes: dict[str, list[int]] = {}
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("chunk", "offset", "length", "changed", "nbytes", "pos")}
+    for b in range(reader.num_record_batches):
+        rb = reader.get_batch(b)
+        if rb.num_rows == 0:
+            continue
+        names = rb.column("tensor").to_pylist()
+        tensors.extend(names)
+        for name, shp in zip(names, rb.column("shape").to_pylist(), strict=True):
+            shapes.setdefault(name, shp)
+        for k in ("chunk", "offset", "length", "changed"):
+            cols[k].append(rb.column(k).to_numpy())
+        nbytes, pos = positions(b, rb)
+        cols["nbytes"].append(nbytes)
+        cols["pos"].append(pos)
 
     def cat(xs: list[np.ndarray], dtype: Any) -> np.ndarray:
         return np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype=dtype)
 
-    return _Layout(
-        tensor=tensors,
-        shape=shapes,
-        chunk=cat(chunk, np.int64),
-        offset=cat(offset, np.int64),
-        length=cat(length, np.int64),
-        nbytes=cat(nbytes, np.int64),
-        changed=cat(changed, np.int64),
-        batch=cat(batch, np.int32),
-        in_batch=cat(in_batch, np.int32),
-    )
+    return _Layout(tensor=tensors, shape=shapes, **{k: cat(v, np.int64) for k, v in cols.items()})
+
+
+def _parsed(src: Source) -> tuple[pa.ipc.RecordBatchFileReader, Any]:
+    """A reader of the small columns and the rows' byte ranges from the footer and the batch
+    headers; for a remote file both come from a few requests fetched ahead (see module doc)."""
+    size = src.size
+    cache = RangeCache(src)
+    if size >= ipc.TAIL:
+        cache.fetch([(max(0, size - TAIL_FETCH), min(size, TAIL_FETCH))])
+    fstart, flen = ipc.footer_range(size, cache.read_range(max(0, size - ipc.TAIL), min(size, ipc.TAIL)).to_pybytes())
+    blocks = ipc.record_batch_blocks(cache.read_range(fstart, flen).to_pybytes(), size)
+    if src.remote:
+        ahead = []
+        for b in blocks:
+            rows = b.body_len // (CHUNK_ELEMS // 8) + 1
+            head, tail = HEAD_BASE + HEAD_PER_ROW * rows, TAIL_BASE + TAIL_PER_ROW * rows
+            ahead.append((b.offset, b.meta_len + min(b.body_len, head)))
+            if b.body_len > head:
+                ahead.append((b.body + b.body_len - min(tail, b.body_len - head), min(tail, b.body_len - head)))
+        cache.fetch(coalesce(ahead, hole=HOLE, limit=1 << 20))
+        native: pa.NativeFile = pa.PythonFile(cache, mode="r")
+    else:
+        native = src.native()
+    reader, _ = open_reader(native, src.location, columns=SMALL_COLUMNS)
+    if reader.num_record_batches != len(blocks):
+        raise MaskError(f"{src.location}: {reader.num_record_batches} record batches, its footer lists {len(blocks)}")
+
+    def positions(b: int, rb: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+        blk = blocks[b]
+        head = ipc.batch_header(lambda o, n: cache.read_range(o, n).to_pybytes(), blk)
+        rows = head.length
+        if head.compressed:
+            raise MaskError(f"{src.location}: record batch {b} is compressed; masks are written uncompressed")
+        if rows != rb.num_rows or head.nodes[_BITS_NODE] != (rows, 0):
+            raise MaskError(f"{src.location}: record batch {b}'s bits column has nulls or a wrong length")
+        (off_at, off_len), (data_at, data_len) = head.buffers[_BITS_BUF + 1 : _BITS_BUF + 3]
+        if off_len < 4 * (rows + 1):
+            raise MaskError(f"{src.location}: record batch {b}'s bits offsets are short")
+        offs = np.frombuffer(cache.read_range(blk.body + off_at, 4 * (rows + 1)), dtype=np.int32)
+        nbytes = np.diff(offs)
+        if offs[0] < 0 or nbytes.min() < 0 or offs[-1] > data_len:
+            raise MaskError(f"{src.location}: record batch {b}'s bits offsets are not within its bits")
+        return nbytes, offs[:-1].astype(np.int64) + (blk.body + data_at)
+
+    return reader, positions
 
 
 @dataclass
@@ -86,6 +193,7 @@ class _Plan:
     file_row: np.ndarray  # (N, R): row index in each mask's file
     layouts: list[_Layout]
     layout_hash: str
+    read_s: float = 0.0  # seconds the layouts took to read
 
 
 def _join(layouts: list[_Layout], labels: list[str], paths: list[str], chunk_elems: int) -> _Plan:

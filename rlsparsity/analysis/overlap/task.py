@@ -1,5 +1,6 @@
-"""One task of the overlap job: rows [r0, r1) of N masks, read once through memory maps, their
-intersections per tensor, and the verification of those rows (``contracts.mask``)."""
+"""One task of the overlap job: rows [r0, r1) of N masks, read once (memory maps, or ranged
+requests to an object store: ``rows``), their intersections per tensor, and the
+verification of those rows (``contracts.mask``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from rlsparsity.analysis.overlap.kernels import (
     _numba_kernels,
@@ -16,13 +16,8 @@ from rlsparsity.analysis.overlap.kernels import (
     _pair_counts_numpy,
 )
 from rlsparsity.analysis.overlap.layout import _row_where
-from rlsparsity.contracts.mask import (
-    MaskError,
-    bits_offsets,
-    check_changed,
-    open_reader,
-    row_digest,
-)
+from rlsparsity.analysis.overlap.rows import TaskRows
+from rlsparsity.contracts.mask import check_changed, row_digest
 
 # A pack of rows processed together: 16384 words = one full chunk (128 KiB) per mask.
 PACK_WORDS = 16384
@@ -31,24 +26,24 @@ PACK_WORDS = 16384
 def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
     """Read rows [r0, r1) of N masks once; intersections for pairs (i < n_new, j >= i).
 
-    ``spec``: paths and labels (N, stack order), batch/in_batch (N, R) row coordinates,
-    changed (N, R), nbytes, row_tensor and chunk (R,), tensor_names (id -> name), n_new,
-    verify (N bools). Checks 'changed' against the bits of the first n_new masks and of
+    ``spec``: paths (local paths or object-store URIs, no credentials) and labels (N, stack
+    order), pos (N, R) file offsets of the rows' bits, changed (N, R), nbytes, row_tensor
+    and chunk (R,), tensor_names (id -> name), n_new, verify (N bools). Checks 'changed' against the bits of the first n_new masks and of
     the verified ones (``check_changed``), and digests the verified ones' rows (``row_digest``,
     as each row is copied). Returns
-    per-tensor (k, n_new, N) counts and per-row digests (R, n_verify, 16).
+    per-tensor (k, n_new, N) counts, per-row digests (R, n_verify, 16) and the remote
+    reads' requests and bytes (``io``).
     """
     paths: list[str] = spec["paths"]
     labels: list[str] = spec["labels"]
-    batch: np.ndarray = spec["batch"]
-    in_batch: np.ndarray = spec["in_batch"]
+    pos: np.ndarray = spec["pos"]
     changed: np.ndarray = spec["changed"]
     nbytes: np.ndarray = spec["nbytes"]
     row_tensor: np.ndarray = spec["row_tensor"]
     n_new: int = spec["n_new"]
     verify: list[bool] = spec["verify"]
     t_wall, t_cpu = time.perf_counter(), time.process_time()
-    n, rows = batch.shape
+    n, rows = pos.shape
     vpos = {k: v for v, k in enumerate(k for k in range(n) if verify[k])}
     # The first n_new masks' popcounts come with their intersections; the others' are
     # counted only to be verified (a mask verified earlier is not checked again).
@@ -58,40 +53,28 @@ def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
     def where(k: int, first: int) -> Callable[[int], str]:
         return _row_where(labels[k], paths[k], row_names, spec["chunk"], first)
 
-    # Memory-map every file once; fetch each record batch's bits buffers lazily.
-    maps = [pa.memory_map(p) for p in paths]
-    bufcache: list[dict[int, tuple[np.ndarray, pa.Buffer]]] = [{} for _ in range(n)]
+    words = (nbytes + 7) // 8
+    # Greedy packs of consecutive rows up to PACK_WORDS words: small tensors (norms,
+    # biases) share one block so per-call numpy overhead stays per 128 KiB, not per row.
+    packs: list[list[int]] = []
+    cur: list[int] = []
+    cur_w = 0
+    for r in range(rows):
+        if cur and cur_w + words[r] > PACK_WORDS:
+            packs.append(cur)
+            cur, cur_w = [], 0
+        cur.append(r)
+        cur_w += int(words[r])
+    if cur:
+        packs.append(cur)
+    # Each file opened once; the rows' bits come from their byte ranges.
+    source = TaskRows(paths, pos, nbytes, starts=[p[0] for p in packs])
     try:
-        readers = [open_reader(m, p)[0] for m, p in zip(maps, paths, strict=True)]
-
-        def row_bytes(k: int, r: int) -> tuple[pa.Buffer, int, int]:
-            b = int(batch[k, r])
-            hit = bufcache[k].get(b)
-            if hit is None:
-                hit = bufcache[k][b] = bits_offsets(readers[k].get_batch(b))
-            offs, data = hit
-            i = int(in_batch[k, r])
-            return data, int(offs[i]), int(offs[i + 1])
-
-        words = (nbytes + 7) // 8
         tensors, local = np.unique(row_tensor, return_inverse=True)
         acc = np.zeros((len(tensors), n_new, n), dtype=np.int64)
         popc = np.zeros((rows, n), dtype=np.int64)
         digests = np.zeros((rows, len(vpos), 16), dtype=np.uint8)
 
-        # Greedy packs of consecutive rows up to PACK_WORDS words: small tensors (norms,
-        # biases) share one block so per-call numpy overhead stays per 128 KiB, not per row.
-        packs: list[list[int]] = []
-        cur: list[int] = []
-        cur_w = 0
-        for r in range(rows):
-            if cur and cur_w + words[r] > PACK_WORDS:
-                packs.append(cur)
-                cur, cur_w = [], 0
-            cur.append(r)
-            cur_w += int(words[r])
-        if cur:
-            packs.append(cur)
         width = max([PACK_WORDS, *(int(words[p].sum()) for p in packs)]) if packs else 0
         kern = _numba_kernels()
         # numba: rows padded to a multiple of 4 (zero rows, for the 4x4 tiles), no temporaries.
@@ -107,20 +90,15 @@ def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
             wp = int(starts[-1])
             for k in range(n):
                 for s, r in enumerate(pack):
-                    data, lo, hi = row_bytes(k, r)
-                    if hi - lo != nbytes[r]:  # the file changed since its layout was read
-                        raise MaskError(
-                            f"{where(k, 0)(r)}: {hi - lo} bytes of bits, expected {int(nbytes[r])}"
-                        )
-                    view = memoryview(data)[lo:hi]
+                    view = memoryview(source.view(k, r))
                     if verify[k]:
                         # Digest while the row is hot in cache, right before copying it:
                         # the bits are read from memory once (a pack of N rows is too big
                         # to stay in cache until after the kernel).
                         digests[r, vpos[k]] = np.frombuffer(row_digest(view), dtype=np.uint8)
                     w0 = int(starts[s]) * 8
-                    block8[k, w0 : w0 + (hi - lo)] = np.frombuffer(view, dtype=np.uint8)
-                    block8[k, w0 + (hi - lo) : int(starts[s + 1]) * 8] = 0
+                    block8[k, w0 : w0 + len(view)] = np.frombuffer(view, dtype=np.uint8)
+                    block8[k, w0 + len(view) : int(starts[s + 1]) * 8] = 0
             nz = [s for s, r in enumerate(pack) if words[r] > 0]
             if nz:
                 seg = starts[nz]
@@ -151,11 +129,9 @@ def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
             # 'changed' against the popcounts the kernels counted.
             for k in checked:
                 check_changed(popc[p0:p1, k], changed[k, p0:p1], where=where(k, p0))
+        io = source.io()
     finally:
-        for c in bufcache:
-            c.clear()
-        for m in maps:
-            m.close()
+        source.close()
     return {
         "r0": spec["r0"],
         "r1": spec["r1"],
@@ -165,4 +141,5 @@ def overlap_task(spec: dict[str, Any]) -> dict[str, Any]:
         "bytes": int(nbytes.sum()) * n,
         "task_s": time.perf_counter() - t_wall,
         "cpu_s": time.process_time() - t_cpu,
+        "io": io,
     }

@@ -89,7 +89,8 @@ def separating_keys(ms: Sequence[Measurement]) -> list[str]:
 
 
 def _key_name(key: str) -> str:
-    return {"training.lr": "learning rate", "training.precision": "precision", "training.optimizer": "optimizer"}.get(key, key)
+    return {"training.lr": "learning rate", "training.steps": "steps", "training.precision": "precision",
+            "training.optimizer": "optimizer"}.get(key, key)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -380,5 +381,6 @@ def model_name(model: str) -> str:
 def setting_text(setting: Setting) -> str:
     parts = []
     for k, v in setting.items():
-        parts.append(model_name(v) if k == "model" else f"{_key_name(k)} {v}")
+        if v not in ("", None):
+            parts.append(model_name(v) if k == "model" else f"{_key_name(k)} {v}")
     return ", ".join(parts)

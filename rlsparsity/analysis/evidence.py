@@ -26,8 +26,9 @@ from rlsparsity.contracts.mlflow_layout import (
     SUBNETWORK_TAG,
 )
 
-# What a measurement's setting is: the axes the follow-up work says sparsity hinges on.
-SETTING_KEYS = ("model", "training.lr", "training.precision", "training.optimizer")
+# What a measurement's setting is: the axes the follow-up work says sparsity hinges on, and
+# the number of steps (sparsity falls as training goes on).
+SETTING_KEYS = ("model", "training.lr", "training.steps", "training.precision", "training.optimizer")
 # Per-step metrics some claims read over the mask steps (the rest come from the summary).
 HISTORY_METRICS = ("sparsity_bf16", "changed_frac_since_prev", "drift/step_update_vanished_frac")
 

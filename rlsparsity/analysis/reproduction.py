@@ -60,14 +60,14 @@ def fig_arms(trials: list[Trial], path: Path) -> Path | None:
     if not trials:
         return None
     arms = sorted({t.variant if t.variant != "None" else t.algorithm for t in trials})
-    lrs = sorted({t.param("training.lr") for t in trials}, key=float)
+    lrs = sorted({(t.param("training.lr"), t.param("training.steps")) for t in trials}, key=lambda x: (float(x[0]), int(x[1] or 0)))
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(arms) + 2), 4.2), constrained_layout=True)
     width = 0.8 / len(lrs)
     for i, lr in enumerate(lrs):
         means, lo, hi = [], [], []
         for arm in arms:
-            vals = [t.get(SPARSITY) for t in trials if t.param("training.lr") == lr
+            vals = [t.get(SPARSITY) for t in trials if (t.param("training.lr"), t.param("training.steps")) == lr
                     and (t.variant if t.variant != "None" else t.algorithm) == arm]
             vals = [v for v in vals if not math.isnan(v)]
             m = statistics.fmean(vals) if vals else math.nan
@@ -75,7 +75,7 @@ def fig_arms(trials: list[Trial], path: Path) -> Path | None:
             lo.append(100 * (m - min(vals)) if vals else 0)
             hi.append(100 * (max(vals) - m) if vals else 0)
         ax.bar(np.arange(len(arms)) + (i - (len(lrs) - 1) / 2) * width, means, width, yerr=[lo, hi], capsize=2,
-               label=f"lr {float(lr):g}")
+               label=f"lr {float(lr[0]):g}, {lr[1]} steps")
     ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
     ax.set_ylabel("sparsity at abs:1e-5 (% unchanged)")
     ax.set_ylim(0, 100)

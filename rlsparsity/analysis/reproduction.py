@@ -25,6 +25,7 @@ from rlsparsity.analysis.claims import (
     Verdict,
     by_setting,
     evaluate,
+    model_name,
     setting_text,
     standard,
 )
@@ -193,6 +194,41 @@ def _closeness_table(ev: Evidence) -> list[str]:
     return [*out, ""]
 
 
+def _precision_table(ev: Evidence) -> list[str]:
+    """GRPO by model, precision, optimizer and learning rate: the follow-ups' axes side by side."""
+    # The experiments that vary precision or optimizer (precision.yaml and its SmolLM2 run).
+    varied = {e for e in ev.experiments
+              if len({(t.param("training.precision"), t.param("training.optimizer")) for t in ev.trials if t.experiment == e}) > 1}
+    trials = [t for t in ev.trials if t.experiment in varied and t.algorithm == "grpo" and not t.subnetwork]
+    groups: dict[tuple, list[Trial]] = {}
+    for t in trials:
+        key = (t.param("model"), t.param("training.precision"), t.param("training.optimizer"), float(t.param("training.lr")),
+               t.param("training.steps"))
+        groups.setdefault(key, []).append(t)
+    if len({k[1:3] for k in groups}) < 2:
+        return []
+    out = ["## Precision, optimizer and learning rate (GRPO)", "",
+           "Means over seeds. bf16 sparsity is the share of the bf16 view unchanged against θ0; \"masters changed\" "
+           "the share of master weights that moved at all (bf16 masters under precision bf16); \"vanished\" the share of "
+           "the master entries a step moved whose bf16 view stayed put (mean over mask steps; 0 under precision bf16, "
+           "where an update too small for the bf16 grid is lost at the step itself).", "",
+           "| model | precision | optimizer | lr | steps | seeds | bf16 sparsity | masters changed | vanished per step | test acc θ0 → final |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+
+    def mean(vals: list[float]) -> float:
+        vals = [v for v in vals if not math.isnan(v)]
+        return statistics.fmean(vals) if vals else math.nan
+
+    for (model, prec, opt, lr, steps), ts in sorted(groups.items()):
+        vanished = mean([statistics.fmean(v for _, v in t.history["drift/step_update_vanished_frac"])
+                         for t in ts if t.history.get("drift/step_update_vanished_frac")])
+        out.append(f"| {model_name(model)} | {prec} | {opt} | {lr:g} | {steps} | {len(ts)} | "
+                   f"{_pct(mean([t.get('final/sparsity_bf16') for t in ts]))} % | "
+                   f"{_pct(mean([t.get('final/changed_frac_masters') for t in ts]))} % | {_pct(vanished)} % | "
+                   f"{mean([t.get('test_accuracy_before') for t in ts]):.3f} → {mean([t.get('test_accuracy_after') for t in ts]):.3f} |")
+    return [*out, ""]
+
+
 def _trials_table(ev: Evidence) -> list[str]:
     out = ["## The runs", "", "| experiment | trials | settings |", "|---|---:|---|"]
     for name in ev.experiments:
@@ -236,7 +272,7 @@ def markdown(ev: Evidence, verdicts: list[Verdict], figures: dict[str, Path], *,
     if figures:
         lines += ["", "## Figures", ""]
         lines += [f"![{name}]({p.name})" for name, p in figures.items()]
-    lines += ["", *_closeness_table(ev), *_trials_table(ev)]
+    lines += ["", *_precision_table(ev), *_closeness_table(ev), *_trials_table(ev)]
     return "\n".join(lines) + "\n"
 
 

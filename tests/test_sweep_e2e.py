@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from artifacts import artifact_files, mask_files
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -63,13 +64,13 @@ def test_sweep_logs_trials_masks_and_analysis_to_mlflow_server(embedded_model_di
         assert [m.step for m in history] == [1, 2, 3, 4]
         assert metrics["sync_bytes_total"] == sum(m.value for m in history)
 
-        names = {a.path for a in client.list_artifacts(r.info.run_id, "masks")}
-        assert names == {"masks/step_000002.arrow", "masks/final.arrow"}
+        assert artifact_files(client, r.info.run_id, "masks") == mask_files([2])
         local = client.download_artifacts(r.info.run_id, "masks/final.arrow", str(tmp_path / r.info.run_id))
         mask = read_mask(local)  # verifies the checksum
         assert mask.meta["base"]["hash"] == tags["base_hash"]
         assert mask.meta["target"] == {"run_id": r.info.run_id, "step": 4}
-        assert mask.meta["dtype"] == "bfloat16" and mask.meta["criterion"] == {"mode": "bitwise"}
+        assert mask.meta["dtype"] == "bfloat16" and mask.meta["criterion"] == {
+            "mode": "bitwise", "spec": "bitwise", "tol": None, "view": "bf16"}
         assert mask.sparsity == pytest.approx(metrics["final/sparsity_bf16"])
         assert mask.total_changed == metrics["final/changed_bf16"]
         # The tiny model ties lm_head to the embeddings: counted once, listed in the metadata.

@@ -23,6 +23,7 @@ BIN = Path(sys.executable).parent
 def test_a_sweep_and_the_overlap_job_land_in_postgres_and_the_object_store(stack, embedded_model_dir, tmp_path):
     import boto3
     import psycopg
+    from artifacts import DEFAULT_SERIES, artifact_files
     from mlflow.tracking import MlflowClient
 
     from rlsparsity.contracts.mask import read_mask
@@ -64,16 +65,16 @@ def test_a_sweep_and_the_overlap_job_land_in_postgres_and_the_object_store(stack
                for o in page.get("Contents", [])}
     checked = 0
     for run in (r for r in runs if r.data.tags["rlsparsity.kind"] == "trial"):
-        masks = client.list_artifacts(run.info.run_id, "masks")
-        assert "masks/final.arrow" in {m.path for m in masks}
-        for m in masks:
-            (key,) = [k for k in objects if k.endswith(f"/{run.info.run_id}/artifacts/{m.path}")]
-            assert objects[key] == m.file_size
+        files = artifact_files(client, run.info.run_id, "masks")
+        assert "masks/final.arrow" in files
+        for path in sorted(f for f in files if f.endswith(".arrow")):
+            (key,) = [k for k in objects if k.endswith(f"/{run.info.run_id}/artifacts/{path}")]
             local = tmp_path / "s3" / key
             local.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file("mlflow", key, str(local))
+            assert local.stat().st_size == objects[key]
             mask = read_mask(local, verify=True)  # checksum and counts against the bits
             assert mask.meta["total_elems"] > 0
             checked += 1
-    assert checked >= 2
+    assert checked >= 2 * len(DEFAULT_SERIES)  # two trials, a final mask in every series
     print(f"{checked} masks verified in the object store; {len(rows)} runs in PostgreSQL")

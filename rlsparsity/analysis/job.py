@@ -103,9 +103,19 @@ def find_sweep_and_trials(
         raise OverlapError(
             f"sweep run {sweep.info.run_id} in experiment {experiment!r} has no trial runs"
         )
+    trials = _latest_attempts(trials)
     # Concurrent trials start in any order; sort by label so tables are stable.
     trials.sort(key=lambda r: (run_label(r), r.info.run_id))
     return exp, sweep, trials
+
+
+def _latest_attempts(trials: list[Any]) -> list[Any]:
+    """Drop a trial's failed attempts once the same label has a FINISHED run: a resumed sweep
+    runs a trial that failed before its first checkpoint again, into a new run (the failed
+    run stays, as the record of that attempt). A label with no FINISHED run keeps its runs,
+    so the analysis names the failure."""
+    finished = {run_label(r) for r in trials if r.info.status == "FINISHED"}
+    return [r for r in trials if r.info.status == "FINISHED" or run_label(r) not in finished]
 
 
 def run_label(run: Any) -> str:

@@ -86,14 +86,33 @@ def fig_arms(trials: list[Trial], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def precision_trials(ev: Evidence) -> list[Trial]:
+    """The GRPO trials of the experiments that vary precision or optimizer (precision.yaml and
+    its runs on other models): the precision figure and table read these alone, so that
+    other presets' GRPO arms (variants, 200 steps) do not blend into their cells."""
+    varied = {e for e in ev.experiments
+              if len({(t.param("training.precision"), t.param("training.optimizer")) for t in ev.trials if t.experiment == e}) > 1}
+    return [t for t in ev.trials if t.experiment in varied and t.algorithm == "grpo" and not t.subnetwork]
+
+
+def _precision_row_label(row: tuple, several: list[bool]) -> str:
+    model, steps, precision, optimizer = row
+    named = [Path(str(model).split(":")[-1]).name if several[0] else None,
+             f"{steps} steps" if several[1] else None, precision, optimizer]
+    return ", ".join(x for x in named if x)
+
+
 def fig_precision(trials: list[Trial], path: Path) -> Path | None:
-    """Heatmaps over (precision, optimizer) × learning rate: bf16 sparsity and test accuracy gain."""
-    trials = [t for t in trials if t.param("training.precision") and t.param("training.optimizer") and not t.subnetwork
-              and t.algorithm == "grpo"]
-    rows = sorted({(t.param("training.precision"), t.param("training.optimizer")) for t in trials})
+    """Heatmaps over (precision, optimizer) × learning rate: bf16 sparsity and test accuracy gain
+    (`precision_trials`; one row per model and step count as well when those vary)."""
+    def row(t: Trial) -> tuple:
+        return (t.param("model"), t.param("training.steps"), t.param("training.precision"), t.param("training.optimizer"))
+
+    rows = sorted({row(t) for t in trials})
     lrs = sorted({t.param("training.lr") for t in trials}, key=float)
-    if len(rows) < 2:
+    if len({r[2:] for r in rows}) < 2:
         return None
+    several = [len({r[i] for r in rows}) > 1 for i in range(2)]
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2.2), constrained_layout=True)
     for ax, (key, title, cmap, lim) in zip(axes, (
@@ -101,10 +120,9 @@ def fig_precision(trials: list[Trial], path: Path) -> Path | None:
         ("gain", "test accuracy gain, points", "RdBu", (-10, 10)),
     ), strict=True):
         grid = np.full((len(rows), len(lrs)), np.nan)
-        for i, (prec, opt) in enumerate(rows):
+        for i, key_row in enumerate(rows):
             for j, lr in enumerate(lrs):
-                group = [t for t in trials if (t.param("training.precision"), t.param("training.optimizer")) == (prec, opt)
-                         and t.param("training.lr") == lr]
+                group = [t for t in trials if row(t) == key_row and t.param("training.lr") == lr]
                 if key == "gain":
                     vals = [t.get("test_accuracy_after") - t.get("test_accuracy_before") for t in group]
                 else:
@@ -119,7 +137,7 @@ def fig_precision(trials: list[Trial], path: Path) -> Path | None:
                     ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8,
                             color="k" if key == "gain" or grid[i, j] > 60 else "w")
         ax.set_xticks(range(len(lrs)), [f"lr {float(x):g}" for x in lrs])
-        ax.set_yticks(range(len(rows)), [f"{p}, {o}" for p, o in rows])
+        ax.set_yticks(range(len(rows)), [_precision_row_label(r, several) for r in rows])
         ax.set_title(title, fontsize=10)
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle("GRPO: precision × optimizer × learning rate (mean over seeds)", fontsize=10)
@@ -196,10 +214,7 @@ def _closeness_table(ev: Evidence) -> list[str]:
 
 def _precision_table(ev: Evidence) -> list[str]:
     """GRPO by model, precision, optimizer and learning rate: the follow-ups' axes side by side."""
-    # The experiments that vary precision or optimizer (precision.yaml and its SmolLM2 run).
-    varied = {e for e in ev.experiments
-              if len({(t.param("training.precision"), t.param("training.optimizer")) for t in ev.trials if t.experiment == e}) > 1}
-    trials = [t for t in ev.trials if t.experiment in varied and t.algorithm == "grpo" and not t.subnetwork]
+    trials = precision_trials(ev)
     groups: dict[tuple, list[Trial]] = {}
     for t in trials:
         key = (t.param("model"), t.param("training.precision"), t.param("training.optimizer"), float(t.param("training.lr")),
@@ -282,7 +297,7 @@ def write_report(ev: Evidence, out: str | Path, *, command: str, tracking_uri: s
     verdicts = evaluate(ev)
     figs = {
         "sparsity by arm": fig_arms(ev.trials, out / "sparsity_by_arm.png"),
-        "precision, optimizer and learning rate": fig_precision(ev.trials, out / "precision.png"),
+        "precision, optimizer and learning rate": fig_precision(precision_trials(ev), out / "precision.png"),
         "dynamics": fig_dynamics(ev.trials, out / "dynamics.png"),
         "overlap against chance": fig_overlap(verdicts, out / "overlap.png"),
     }

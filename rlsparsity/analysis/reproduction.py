@@ -135,7 +135,7 @@ def fig_precision(trials: list[Trial], path: Path) -> Path | None:
             for j in range(len(lrs)):
                 if not math.isnan(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8,
-                            color="k" if key == "gain" or grid[i, j] > 60 else "w")
+                            color="w" if (abs(grid[i, j]) > 6 if key == "gain" else grid[i, j] < 60) else "k")
         ax.set_xticks(range(len(lrs)), [f"lr {float(x):g}" for x in lrs])
         ax.set_yticks(range(len(rows)), [_precision_row_label(r, several) for r in rows])
         ax.set_title(title, fontsize=10)

@@ -73,3 +73,19 @@ def stop_process_group(proc: subprocess.Popen, timeout_s: float = 30) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=timeout_s)
+
+
+def own_ray_processes(title: str) -> list:
+    """Processes of this test's own Ray instance whose title starts with `title` (for
+    example `ray::RayTrainWorker`): descendants of this process, which started Ray, so a
+    fault test never kills another sweep's workers on the same machine."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if (proc.cmdline() or [""])[0].startswith(title):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found

@@ -13,6 +13,7 @@ import psutil
 import pytest
 from artifacts import mask_files
 from mlflow.tracking import MlflowClient
+from services import own_ray_processes
 
 import rlsparsity
 from rlsparsity.contracts.mask import read_mask
@@ -27,7 +28,7 @@ COMMON = ["seed=0", "dataset=add", "algorithm=grpo", f"training.steps={STEPS}", 
 
 
 def _train_workers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
+    return own_ray_processes("ray::RayTrainWorker")
 
 
 def _registered_steps(trial_storage: Path) -> list[int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +33,21 @@ def _listeners(pid: int) -> list:
     return [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in tree]
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def _tracebacks(logs: str) -> list[str]:
+    """The lines that start a traceback, less those Ray logs after saying the error is safe
+    to ignore (Ray Train's controller, when a resource request times out on a loaded CPU).
+    Lines are told apart by the process that printed them, `(TrainController pid=420)`, as
+    Ray interleaves the lines of several processes."""
+    last: dict[str, str] = {}
+    found = []
+    for line in logs.splitlines():
+        source = m.group(1) if (m := re.match(r"\s*(?:\x1b\[\d+m)?\(([^)]*pid=\d+)\)", line)) else ""
+        if "Traceback" in line and "safe to ignore" not in last.get(source, ""):
+            found.append(line)
+        last[source] = line
+    return found
 
 
 def test_ray_job_submit_runs_a_sweep(embedded_model_dir, tmp_path):
@@ -78,7 +94,7 @@ def test_ray_job_submit_runs_a_sweep(embedded_model_dir, tmp_path):
         logs = proc.stdout + proc.stderr
         assert "succeeded" in logs.lower()
         # A successful job's log is clean: no traceback, from the driver or any trial.
-        assert "Traceback" not in logs and "SystemExit" not in logs, logs[-8000:]
+        assert _tracebacks(logs) == [] and "SystemExit" not in logs, logs[-8000:]
         exposed = [c for c in _listeners(head.pid) if not _is_loopback(c.laddr.ip)]
         assert exposed == [], exposed
     finally:

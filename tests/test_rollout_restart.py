@@ -79,8 +79,8 @@ def test_trial_goes_on_after_its_rollout_actor_is_killed(embedded_model_dir: Pat
     process title); Ray restarts it, the learner resyncs it in full, the trial finishes."""
     import threading
 
-    import psutil
     from mlflow.tracking import MlflowClient
+    from services import own_ray_processes
 
     import rlsparsity
 
@@ -95,10 +95,9 @@ def test_trial_goes_on_after_its_rollout_actor_is_killed(embedded_model_dir: Pat
             exp = client.get_experiment_by_name("restart")
             runs = client.search_runs([exp.experiment_id], "tags.`rlsparsity.kind` = 'trial'") if exp else []
             if runs and len(client.get_metric_history(runs[0].info.run_id, "sync_bytes")) >= 5:
-                for proc in psutil.process_iter(["cmdline"]):
-                    if (proc.info["cmdline"] or [""])[0].startswith("ray::RolloutActor"):
-                        proc.kill()
-                        killed.append(proc.pid)
+                for proc in own_ray_processes("ray::RolloutActor"):
+                    proc.kill()
+                    killed.append(proc.pid)
                 return
 
     killer = threading.Thread(target=kill_after_some_steps, daemon=True)

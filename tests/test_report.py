@@ -117,11 +117,16 @@ def test_report_claims_table_on_a_hand_made_experiment(store, tmp_path):
     assert [(m.setting["training.lr"], m.ok, round(m.numbers["mean"], 6)) for m in t1.measurements] == [
         ("0.0001", False, 0.25), ("1e-05", True, 0.7575)]  # at 1e-5 the KL runs are RL runs too
     text = result.path.read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| **T1**"))
-    assert "68.5–96.0 %" in row and "25.0 % (20.0 %–30.0 %, n = 2)" in row and "75.8 % (70.0 %–82.0 %, n = 4)" in row
-    assert row.endswith("**depends on learning rate** |")
-    kl = next(line for line in text.splitlines() if line.startswith("| **T5-kl**"))
-    assert "grpo_kl 76.5 %" in kl and "**reproduced**" in kl
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| **T1**"))
+    row, more = lines[at], lines[at + 1]  # one row per setting, the claim's cells on the first
+    assert "68.5–96.0 %" in row and "| **depends on learning rate** |" in row
+    assert "learning rate 0.0001" in row and row.endswith("| 25.0 % (20.0 %–30.0 %, n = 2) | no |")
+    assert more.startswith("|  |  |  |  |") and "learning rate 1e-05" in more
+    assert more.endswith("| 75.8 % (70.0 %–82.0 %, n = 4) | yes |")
+    at = next(i for i, line in enumerate(lines) if line.startswith("| **T5-kl**"))
+    assert "**reproduced**" in lines[at] and "grpo_kl 76.5 %" in lines[at + 1] and lines[at + 1].endswith("| yes |")
+    assert "<br>" not in text
     assert "Experiments asked for but absent: absent." in text
     assert "- **SFT** (§1, Table 5): run `sweeps/paper/table5_causes.yaml`" in text
     assert "| tiny-arith, learning rate 1e-05, precision fp32, optimizer adamw | grpo/add/s0 | learned | 0.600 → 0.700 | 0.690 |" in text

@@ -263,13 +263,18 @@ def markdown(ev: Evidence, verdicts: list[Verdict], figures: dict[str, Path], *,
              "was fixed before the runs. Nothing was tuned to reproduce the paper.", ""]
     if ev.missing:
         lines += [f"Experiments asked for but absent: {', '.join(ev.missing)}.", ""]
-    lines += ["## Claims", "", "| claim | source | published | measured | setting | verdict |", "|---|---|---|---|---|---|"]
+    # One row per measurement (a claim's cells on its first): plain rows read the same on
+    # GitHub and in MLflow's markdown preview, which shows a cell's <br> as text.
+    lines += ["## Claims", "", "| claim | source | published | verdict | setting | measured | passes |",
+              "|---|---|---|---|---|---|---|"]
     for v in verdicts:
-        ms = v.measurements
-        measured = "<br>".join(m.text for m in ms) if ms else "—"
-        settings = "<br>".join(setting_text(m.setting) or "—" for m in ms) if ms else f"run `{v.claim.presets}`"
-        lines.append(f"| **{v.claim.id}** {v.claim.statement} | {v.claim.source} | {v.claim.published} | {measured} | "
-                     f"{settings} | **{v.verdict}** |")
+        claim = [f"**{v.claim.id}** {v.claim.statement}", v.claim.source, v.claim.published, f"**{v.verdict}**"]
+        if not v.measurements:
+            lines.append("| " + " | ".join([*claim, f"run `{v.claim.presets}`", "—", ""]) + " |")
+        for i, m in enumerate(v.measurements):
+            passes = "" if m.ok is None else ("yes" if m.ok else "no")
+            cells = [*(claim if i == 0 else [""] * 4), setting_text(m.setting) or "—", m.text, passes]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Rules (a measurement passes when):", ""]
     lines += [f"- **{v.claim.id}**: {v.claim.rule}." for v in verdicts]
     not_run = [v for v in verdicts if v.verdict == "not run"]

@@ -97,7 +97,7 @@ def precision_trials(ev: Evidence) -> list[Trial]:
 
 def _precision_row_label(row: tuple, several: list[bool]) -> str:
     model, steps, precision, optimizer = row
-    named = [Path(str(model).split(":")[-1]).name if several[0] else None,
+    named = [model_name(str(model)) if several[0] else None,
              f"{steps} steps" if several[1] else None, precision, optimizer]
     return ", ".join(x for x in named if x)
 
@@ -114,7 +114,7 @@ def fig_precision(trials: list[Trial], path: Path) -> Path | None:
         return None
     several = [len({r[i] for r in rows}) > 1 for i in range(2)]
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13 if any(several) else 11, 0.6 * len(rows) + 2.2), constrained_layout=True)
     for ax, (key, title, cmap, lim) in zip(axes, (
         ("final/sparsity_bf16", "bf16 sparsity (% unchanged)", "viridis", (0, 100)),
         ("gain", "test accuracy gain, points", "RdBu", (-10, 10)),

@@ -371,8 +371,7 @@ class Learner:
             recorded, files = self.recorder.record(self.named, Path(workdir), step, final=final, target=self.target)
             if before is not None:
                 files += self._drift(step, before, Path(workdir))
-            for path, artifact_dir in files:
-                self._log_artifact(path, artifact_dir)
+            self._log_all(files)
         self.history.append(recorded)
         metrics = recorded.metrics()
         if before is not None:
@@ -394,9 +393,20 @@ class Learner:
                         title=f"{self.spec.label}, step {step}: distance from changing the bf16 view")
         return [(table, DRIFT_DIR), (png, DRIFT_DIR)]
 
-    def _log_artifact(self, path: Path, artifact_dir: str) -> None:
-        if self.sink is not None:
-            self.sink.log_artifact(path, artifact_dir)
+    def _log_all(self, files: list[tuple[Path, str]]) -> None:
+        """Offer every file to the sink before raising the first failure: a sink that keeps
+        what it cannot send (the tracker's spool, with its server down) then keeps the whole
+        mask step, not only the file that met the outage (the rest were lost before)."""
+        if self.sink is None:
+            return
+        failed: list[BaseException] = []
+        for path, artifact_dir in files:
+            try:
+                self.sink.log_artifact(path, artifact_dir)
+            except Exception as e:  # noqa: BLE001 - re-raised below, once every file was offered
+                failed.append(e)
+        if failed:
+            raise failed[0]
 
     def check_subnetwork(self) -> None:
         """Rank 0: fail the trial if any policy entry outside the subnetwork left θ0."""
@@ -452,8 +462,7 @@ class Learner:
                                out / "dynamics_over_steps.png", ylabel="% of entries changed",
                                title=f"{label}: changed since the previous mask step, and ever changed")
             (out / "update_rank.json").write_text(json.dumps(rank.to_dict(), indent=1))
-            for f in sorted(out.iterdir()):
-                self._log_artifact(f, PLOTS_DIR)
+            self._log_all([(f, PLOTS_DIR) for f in sorted(out.iterdir())])
         return {} if rank.mean is None else {f"{FINAL_PREFIX}update_rank_frac": rank.mean}
 
     def _save_weights(self) -> float:

@@ -143,3 +143,20 @@ def test_report_cli(store, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "T1             depends on learning rate" in out
     assert (tmp_path / "cli" / "REPRODUCTION.md").is_file()
+
+
+def test_the_precision_table_reads_only_experiments_that_vary_precision_or_optimizer(store, tmp_path):
+    """Another preset's GRPO arm at the same learning rate (here 200 steps, sparsity 0.10) must
+    not blend into the precision table's cells (the figure once read 53.1 % beside 54.4 %)."""
+    from rlsparsity.analysis.evidence import gather
+    from rlsparsity.analysis.reproduction import precision_trials
+
+    client = MlflowClient(store)
+    other = client.create_experiment("dynamics_like", artifact_location=str(tmp_path / "other"))
+    _trial(client, other, "grpo/add/s0/lr=1e-05", {"algorithm": "grpo", "seed": 0, "training.lr": "1e-05",
+                                                   "training.steps": "200"}, {"final/sparsity_bf16": 0.10})
+    ev = gather(store, ["handmade", "dynamics_like"], history=False)
+    chosen = precision_trials(ev)
+    assert {t.experiment for t in chosen} == {"handmade"}
+    assert len(chosen) == len([t for t in ev.trials if t.experiment == "handmade" and t.algorithm == "grpo"
+                               and not t.subnetwork])

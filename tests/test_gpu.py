@@ -53,3 +53,51 @@ def test_gpu_check_passes_on_cuda():
     with tempfile.TemporaryDirectory() as out:
         mod.check_learner("cuda", 3, Path(out))
     mod.check_diff_speed("cuda", 2)
+
+
+def _rollout_gpus_spec(backend: str, gpus: float):
+    (spec,) = SweepSpec({"rollout": {"backend": backend, "gpus": gpus}}).trials()
+    return spec
+
+
+def test_rollout_gpus_put_the_engine_on_cuda():
+    """rollout.gpus > 0: the hf engine is built on CUDA, the vllm engine seeds each request (as
+    vLLM can on CUDA); without GPUs neither option is set and the engines run as on CPU."""
+    from rlsparsity.sweeps.trial import engine_options
+
+    assert engine_options(_rollout_gpus_spec("hf", 0)) is None
+    assert engine_options(_rollout_gpus_spec("hf", 0.5)) == {"device": "cuda"}
+    assert "per_request_seed" not in engine_options(_rollout_gpus_spec("vllm", 0))
+    assert engine_options(_rollout_gpus_spec("vllm", 1))["per_request_seed"] is True
+
+
+def _engine_after_patch(model_dir: Path, device: str) -> dict[str, torch.Tensor]:
+    from rlsparsity.platform.engines import make_engine
+    from rlsparsity.platform.weight_sync import Bf16SyncState
+
+    engine = make_engine("hf", model_dir, options={"device": device})
+    named = [(n, p.detach().cpu().clone()) for n, p in engine.model.named_parameters()]
+    state = Bf16SyncState(named)
+    gen = torch.Generator().manual_seed(0)
+    for _, p in named:
+        p.add_(p.abs() * 1e-2 * torch.randn(p.shape, generator=gen) * (torch.rand(p.shape, generator=gen) < 0.1))
+    patch = state.diff(named)
+    assert 0 < patch.changed < patch.dense_bytes // 2
+    engine.apply_patch(patch)
+    assert {p.device.type for p in engine.model.parameters()} == {torch.device(device).type}
+    served = engine.weights_bf16()
+    for n, p in named:
+        assert torch.equal(served[n], p.to(torch.bfloat16).view(torch.int16)), n
+    return served
+
+
+def test_hf_engine_on_its_device_applies_a_sparse_patch(embedded_model_dir):
+    """The engine a GPU rollout actor builds (`make_engine` with its device option), on the CPU
+    here: after a sparse patch it serves the patched bf16 view exactly."""
+    _engine_after_patch(embedded_model_dir, "cpu")
+
+
+@pytest.mark.gpu
+def test_hf_engine_on_cuda_serves_what_the_cpu_engine_serves(embedded_model_dir):
+    cuda, cpu = _engine_after_patch(embedded_model_dir, "cuda"), _engine_after_patch(embedded_model_dir, "cpu")
+    assert all(torch.equal(cuda[n], cpu[n]) for n in cpu)

@@ -195,6 +195,11 @@ def test_trial_that_can_never_fit(embedded_model_dir, ray_session, tmp_path, mon
 
     with pytest.raises(SpecError, match=r"can never fit this Ray cluster: .*rollout.cpus=4 CPUs in one actor, the largest node has 2"):
         rlsparsity.sweep(spec)
+    # A GPU rollout replica on a cluster without GPUs (a GPU preset run on this machine).
+    spec["rollout"] = {"gpus": 1}
+    with pytest.raises(SpecError, match=r"rollout.gpus=1 GPUs in one actor, the largest node has 0; 1 rollout replica\(s\) x "
+                                        r"rollout.gpus=1 \+ 1 learner\(s\) x resources.gpus_per_learner=0 = 1 GPUs, the cluster has 0"):
+        rlsparsity.sweep(spec)
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("nofit")
     assert exp is None or not client.search_runs([exp.experiment_id])

@@ -247,8 +247,25 @@ class RolloutSpec(Strict):
     backend: Literal["hf", "vllm"] = "hf"
     replicas: int = Field(1, ge=1)
     cpus: float = Field(0.5, gt=0)
+    gpus: float = Field(
+        0.0, ge=0, description="GPUs per replica, reserved in the trial's placement group; above 0 the engine runs on "
+        "CUDA. vllm: vllm.tensor_parallel_size GPUs (a fraction below 1 shares a GPU, e.g. with a learner)"
+    )
     vllm: VLLMSpec = VLLMSpec()
     sync: SyncSpec = SyncSpec()
+
+    @model_validator(mode="after")
+    def _gpus_fit_engine(self) -> RolloutSpec:
+        tp = self.vllm.tensor_parallel_size
+        if self.gpus > 1 and self.gpus != int(self.gpus):
+            raise ValueError(f"gpus: {self.gpus:g} per replica; above 1 a replica takes whole GPUs")
+        if tp > 1:
+            if self.backend != "vllm":
+                raise ValueError(f"vllm.tensor_parallel_size: {tp} applies to backend vllm, not {self.backend}")
+            if self.gpus != tp:
+                raise ValueError(f"gpus: {self.gpus:g} per replica, but vllm.tensor_parallel_size {tp} shards the "
+                                 f"engine over {tp} GPUs; set gpus: {tp}")
+        return self
 
 
 class ResourcesSpec(Strict):

@@ -48,12 +48,14 @@ def replica_seed(seed: int, replica: int) -> int:
 
 
 class HFEngine:
-    def __init__(self, model_path: str | Path, *, threads: int = 1) -> None:
+    """`transformers.generate` on `device` (a rollout actor given GPUs runs on its CUDA device)."""
+
+    def __init__(self, model_path: str | Path, *, threads: int = 1, device: str | torch.device = "cpu") -> None:
         from rlsparsity.platform.models import load_model, load_tokenizer
 
         torch.set_num_threads(threads)
         self.tokenizer = load_tokenizer(model_path)
-        self.model = load_model(model_path, dtype=torch.float32).eval()
+        self.model = load_model(model_path, dtype=torch.float32).eval().to(device)
         with torch.no_grad():  # start from θ0's bf16 view, like the learner's first sync
             for p in self.model.parameters():
                 p.copy_(p.to(torch.bfloat16))
@@ -71,7 +73,7 @@ class HFEngine:
         apply_patch(self.model, patch)
 
     def weights_bf16(self) -> dict[str, torch.Tensor]:
-        return {n: bf16_bits(p) for n, p in self.model.named_parameters()}
+        return {n: bf16_bits(p).cpu() for n, p in self.model.named_parameters()}
 
 
 def _vllm_engine(model_path: str | Path, **kwargs: Any) -> RolloutEngine:
@@ -86,7 +88,7 @@ ENGINES = {"hf": HFEngine, "vllm": _vllm_engine}
 
 def make_engine(backend: str, model_path: str | Path, replica: int = 0, threads: int = 1, options: dict | None = None) -> RolloutEngine:
     """One engine of `backend`; `options` are its keyword arguments (the vllm engine's seed and
-    `rollout.vllm` fields)."""
+    `rollout.vllm` fields; the hf engine's device)."""
     kwargs = dict(options or {})
     if backend != "hf":
         kwargs.setdefault("replica", replica)

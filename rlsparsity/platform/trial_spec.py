@@ -150,6 +150,22 @@ class TrialSpec(Strict):
     def cpus(self) -> float:
         return self.rollout.replicas * self.rollout.cpus + self.resources.learners * self.resources.cpus_per_learner
 
+    def gpus(self) -> float:
+        return self.rollout.replicas * self.rollout.gpus + self.resources.learners * self.resources.gpus_per_learner
+
+    def describe_resources(self) -> str:
+        """What one trial reserves, for a dry run: its learners and rollout replicas."""
+        r, ro = self.resources, self.rollout
+
+        def each(cpus: float, gpus: float) -> str:
+            return f"{cpus:g} CPU" + (f", {gpus:g} GPU" if gpus else "")
+
+        engine = ro.backend + (f", tensor parallel {ro.vllm.tensor_parallel_size}, {ro.vllm.dtype}, "
+                               f"gpu_memory_utilization {ro.vllm.gpu_memory_utilization:g}" if ro.backend == "vllm" else "")
+        return (f"{r.learners} learner(s) x ({each(r.cpus_per_learner, r.gpus_per_learner)}, precision "
+                f"{self.training.precision}); {ro.replicas} rollout replica(s) x ({each(ro.cpus, ro.gpus)}; {engine}); "
+                f"per trial {self.cpus():g} CPU, {self.gpus():g} GPU")
+
 
 def fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     """The fields allowed at `loc` (a pydantic error location) inside `model`."""

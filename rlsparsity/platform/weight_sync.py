@@ -156,10 +156,10 @@ def apply_patch(model: torch.nn.Module, patch: SparsePatch) -> None:
     for name, (idx, bits) in patch.tensors.items():
         flat = params[name].data.view(-1)
         # Patches from Ray's object store are read-only arrays; torch wants writable ones.
-        values = torch.from_numpy(np.require(bits, requirements="W")).view(torch.bfloat16).to(flat.dtype)
+        values = torch.from_numpy(np.require(bits, requirements="W")).view(torch.bfloat16).to(flat.device, flat.dtype)
         if idx is None:
             if values.numel() != flat.numel():
                 raise ValueError(f"dense patch for {name!r} has {values.numel()} entries, the model {flat.numel()}")
             flat.copy_(values)
         else:
-            flat[torch.from_numpy(idx.astype(np.int64))] = values  # a copy: idx may be read-only
+            flat[torch.from_numpy(idx.astype(np.int64)).to(flat.device)] = values  # a copy: idx may be read-only

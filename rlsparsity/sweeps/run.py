@@ -227,7 +227,10 @@ def _run_grid(spec: SweepSpec, tracker: Tracker, result: SweepResult, console: C
               ctx: dict[str, Any]) -> None:
     """The Tune grid (restored from its saved state on resume), the summary and the overlap."""
     first = spec.trials()[0]
-    fits = max(1, math.floor(ray.cluster_resources().get("CPU", 1) / max(t.cpus() for t in spec.trials())))
+    have = ray.cluster_resources()
+    fits = max(1, min(math.floor(have.get(k, 0.0) / need) if need else math.inf
+                      for k, need in (("CPU", max(t.cpus() for t in spec.trials())),
+                                      ("GPU", max(t.gpus() for t in spec.trials())))))
     concurrent = first.resources.max_concurrent_trials or fits
     console.print(
         f"[bold]sweep {spec.name}[/]: {len(spec.grid())} trials over {sorted(spec.axes) or 'no axes'}, "
@@ -335,9 +338,13 @@ def _check_fits(spec: SweepSpec) -> None:
         for name, need in (("rollout.cpus", ro.cpus), ("resources.cpus_per_learner", r.cpus_per_learner)):
             if need > node_max["CPU"]:
                 problems.append(f"{name}={need:g} CPUs in one actor, the largest node has {node_max['CPU']:g}")
-        if r.gpus_per_learner * r.learners > total["GPU"] or r.gpus_per_learner > node_max["GPU"]:
-            problems.append(f"{r.learners} learner(s) x resources.gpus_per_learner={r.gpus_per_learner:g} GPUs, "
-                            f"the cluster has {total['GPU']:g} (largest node {node_max['GPU']:g})")
+        for name, need in (("rollout.gpus", ro.gpus), ("resources.gpus_per_learner", r.gpus_per_learner)):
+            if need > node_max["GPU"]:
+                problems.append(f"{name}={need:g} GPUs in one actor, the largest node has {node_max['GPU']:g}")
+        if t.gpus() > total["GPU"]:
+            problems.append(f"{ro.replicas} rollout replica(s) x rollout.gpus={ro.gpus:g} + {r.learners} learner(s) x "
+                            f"resources.gpus_per_learner={r.gpus_per_learner:g} = {t.gpus():g} GPUs, the cluster has "
+                            f"{total['GPU']:g} (largest node {node_max['GPU']:g})")
         if problems:
             raise SpecError(f"invalid sweep spec:\n  trial {t.label} can never fit this Ray cluster: "
                             + "; ".join(problems) + ". Lower the resources, or connect to a larger cluster (RAY_ADDRESS)")

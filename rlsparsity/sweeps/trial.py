@@ -65,11 +65,12 @@ def subnetwork_tags(spec: TrialSpec, ctx: dict[str, Any]) -> dict[str, Any]:
 
 def engine_options(spec: TrialSpec) -> dict[str, Any] | None:
     """Keyword arguments of the rollout engine beyond (model, threads, replica)."""
-    if spec.rollout.backend == "vllm":
+    r = spec.rollout
+    if r.backend == "vllm":
         # vLLM seeds the engine once (per-request seeds fail on CPU): the trial seed, with the
-        # replica folded in by the engine.
-        return {"seed": spec.seed, **spec.rollout.vllm.model_dump()}
-    return None
+        # replica folded in by the engine. On CUDA each request is seeded as well.
+        return {"seed": spec.seed, **r.vllm.model_dump(), **({"per_request_seed": True} if r.gpus else {})}
+    return {"device": "cuda"} if r.gpus else None
 
 
 def run_trial(point: dict[str, Any], label: str, ctx: dict[str, Any]) -> None:
@@ -118,11 +119,13 @@ def run_trial(point: dict[str, Any], label: str, ctx: dict[str, Any]) -> None:
     error: BaseException | None = None
     try:
         r = spec.rollout
-        pg = placement_group([{"CPU": r.cpus}] * r.replicas, strategy="PACK", name=f"rollout-{run_id}")
+        bundle = {"CPU": r.cpus, **({"GPU": r.gpus} if r.gpus else {})}
+        pg = placement_group([bundle] * r.replicas, strategy="PACK", name=f"rollout-{run_id}")
         ray.get(pg.ready())
         actors += [
             RolloutActor.options(
                 num_cpus=r.cpus,
+                num_gpus=r.gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
             ).remote(r.backend, ctx["model_path"], i, max(1, int(r.cpus)), engine_options(spec))
             for i in range(r.replicas)

@@ -26,6 +26,28 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_sweep)
 
 
+def _dry_run(args: argparse.Namespace, console: Console) -> int:
+    """The trial labels on stdout; on stderr what each trial reserves, and what could not be
+    checked here (a hub model or dataset with the hub offline)."""
+    from rlsparsity.sweeps.spec import SweepSpec
+
+    spec = SweepSpec.load(args.spec, args.overrides, offline_ok=True)
+    trials = spec.trials()
+    if spec.stages is not None:
+        from rlsparsity.sweeps.study import stage_spec
+
+        trials = [t for kind in ("full", *spec.stages.kinds) for t in stage_spec(spec, kind).trials()]
+    for t in trials:
+        console.print(t.label)
+    first = trials[0]
+    print(f"model {first.model}; datasets {', '.join(sorted({t.dataset_label for t in trials}))}", file=sys.stderr)
+    for line in sorted({t.describe_resources() for t in trials}):
+        print(f"resources: {line}", file=sys.stderr)
+    for note in spec.unchecked:
+        print(f"not checked: {note}", file=sys.stderr)
+    return 0
+
+
 def _run_sweep(args: argparse.Namespace) -> int:
     from rlsparsity.analysis.overlap import OverlapError
     from rlsparsity.platform.tracking import TrackingUnavailable
@@ -34,18 +56,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
     # Piped output (CI logs, `ray job` logs) would otherwise wrap the tables at 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    spec = load_spec(args.spec, args.overrides)
     if args.dry_run:
-        if spec.stages is None:
-            for t in spec.trials():
-                console.print(t.label)
-            return 0
-        from rlsparsity.sweeps.study import stage_spec
-
-        for kind in ("full", *spec.stages.kinds):
-            for t in stage_spec(spec, kind).trials():
-                console.print(t.label)
-        return 0
+        return _dry_run(args, console)
+    spec = load_spec(args.spec, args.overrides)
     if spec.stages is not None and args.resume:
         print("error: --resume: a staged study resumes by running it again: its finished stages are reused",
               file=sys.stderr)

@@ -264,6 +264,18 @@ def check_dataset(value: str | DatasetSpec) -> None:
             load_rows(spec, split)
 
 
+def hub_dataset(value: str | DatasetSpec) -> str | None:
+    """The hub id a real dataset loads from; None for a synthetic task or local files."""
+    spec = value if isinstance(value, DatasetSpec) else dataset_spec(value)
+    if spec is None or spec.files is not None:
+        return None
+    try:
+        local = _source(spec)[3]
+    except DatasetError:  # a local directory that is wrong: local
+        return None
+    return None if local else spec.path
+
+
 def load_rows(spec: DatasetSpec, split: Split) -> list[Row]:
     """The rows of ``split`` (train or test: the spec's train_split or test_split), checked."""
     return _load_rows(spec.model_dump_json(), split)

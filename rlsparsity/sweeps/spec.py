@@ -18,10 +18,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rlsparsity.platform.datasets import DatasetError, absolute_paths, check_dataset
+from rlsparsity.platform.datasets import DatasetError, absolute_paths, check_dataset, hub_dataset
+from rlsparsity.platform.models.hub import parse_hub_id
 from rlsparsity.platform.models.resolve import resolve_model
 from rlsparsity.platform.plugins import PluginError, check_names, import_plugins
 from rlsparsity.platform.trial_spec import TrialSpec, fields_at
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 class SpecError(ValueError):
@@ -124,8 +131,12 @@ class StagesSpec(BaseModel):
 class SweepSpec:
     """A validated sweep: a template plus grid axes (dotted field -> list of values)."""
 
-    def __init__(self, raw: Mapping[str, Any]) -> None:
+    def __init__(self, raw: Mapping[str, Any], *, offline_ok: bool = False) -> None:
+        """``offline_ok`` (a dry run's check): with the hub offline (``HF_HUB_OFFLINE``), a hub
+        model or dataset missing from the cache is listed in `unchecked` instead of refused.
+        A run resolves it before anything starts, and fails there."""
         raw = dict(raw)
+        self.unchecked: list[str] = []
         # `plugins` is a list that is not a grid axis: the modules every trial imports. They
         # register custom algorithms and tasks, so they are imported before validation.
         try:
@@ -181,20 +192,28 @@ class SweepSpec:
                     f"{json.dumps(point)} get the same trial label {trial.label!r}{hint}"
                 )
             labels[trial.label] = point
+        offline = offline_ok and _hub_offline()
+        model = self._trials[0].model
         try:
-            resolve_model(self._trials[0].model, build=False)
+            resolve_model(model, build=False)
         except ValueError as e:
-            raise SpecError(f"invalid sweep spec:\n  model: {e}") from None
+            if not (offline and parse_hub_id(model) is not None):
+                raise SpecError(f"invalid sweep spec:\n  model: {e}") from None
+            self.unchecked.append(f"model {model!r}: a hub id, not in the Hugging Face cache; HF_HUB_OFFLINE is set")
         # A real dataset's files and columns are checked here, before anything runs (it loads
         # them once per process; `datasets` caches what it downloaded).
-        for trial in self._trials:
+        for dataset in {trial.dataset_label: trial.dataset for trial in self._trials}.values():
             try:
-                check_dataset(trial.dataset)
+                check_dataset(dataset)
             except DatasetError as e:
-                raise SpecError(f"invalid sweep spec:\n  dataset: {e}") from None
+                hub = hub_dataset(dataset)
+                if not (offline and hub):
+                    raise SpecError(f"invalid sweep spec:\n  dataset: {e}") from None
+                self.unchecked.append(f"dataset {hub!r}: a hub dataset, not in the datasets cache; HF_HUB_OFFLINE is set "
+                                      f"(its field mapping is checked, its files and columns are not)")
 
     @classmethod
-    def load(cls, path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
+    def load(cls, path: str | Path, overrides: Iterable[str] = (), *, offline_ok: bool = False) -> SweepSpec:
         path = Path(path)
         try:
             raw = load_yaml(path.read_text()) or {}
@@ -202,7 +221,7 @@ class SweepSpec:
             raise SpecError(f"{path}: cannot read the sweep spec ({e})") from e
         if not isinstance(raw, dict):
             raise SpecError(f"{path}: a sweep spec is a mapping of fields, got {type(raw).__name__}")
-        return cls(apply_overrides(raw, overrides))
+        return cls(apply_overrides(raw, overrides), offline_ok=offline_ok)
 
     def grid(self) -> list[dict[str, Any]]:
         keys = list(self.axes)

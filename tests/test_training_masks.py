@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from rlsparsity.analysis.diff.engine import diff
-from rlsparsity.analysis.drift import HIGH_EXP, LOW_EXP
+from rlsparsity.analysis.drift import HIGH_EXP, LOW_EXP, Drift
 from rlsparsity.analysis.dynamics import dynamics_from_dir
 from rlsparsity.contracts.mask import read_mask
 from rlsparsity.platform.engines import HFEngine, LocalRollout
@@ -157,6 +157,26 @@ def test_drift_histogram_equals_brute_force(fp32_run):
     table = (out / "drift" / "final.csv").read_text().splitlines()
     assert table[0].startswith("|Δ| / half-ulp(θ0)") and len(table) == 2 + len(bins_a)
     assert (out / "drift" / "final.png").stat().st_size > 0
+
+
+def test_fused_drift_kernel_equals_the_torch_path_on_edge_values():
+    """The learner's fused numba pass (CPU float32 masters, the brute-force test above) and the
+    torch ops (CUDA, bf16 masters) count alike where the bit tricks could differ: θ0 = 0, bf16
+    subnormal θ0 and Δ, float32 subnormal Δ, ±0, NaN and ±inf, and every bin."""
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    t0 = torch.randn(n, generator=g) * 0.05
+    t0[:1000], t0[1000:2000], t0[2000:3000], t0[3000:3100] = 0.0, 1e-39, 3e-35, -(2.0**-126)
+    t0 = t0.to(torch.bfloat16)
+    prev = t0.float() + torch.randn(n, generator=g) * 1e-4 * (torch.rand(n, generator=g) < 0.3)
+    cur = prev + torch.randn(n, generator=g) * 10.0 ** torch.randint(-9, -2, (n,), generator=g) * (torch.rand(n, generator=g) < 0.3)
+    cur[5000:5010], cur[5010:5020], cur[5020:5030] = float("nan"), float("inf"), float("-inf")
+    cur[6000:6100], prev[6000:6050], cur[6100:6200] = 1e-45, -0.0, 3e-42
+    fused, plain = Drift(1), Drift(1)
+    fused.add(t0, prev, cur)
+    plain.add(t0, prev, cur, fused=False)
+    assert fused.to_json() == plain.to_json()
+    assert all(fused.since_theta0.bins) and all(fused.last_step.bins) and 0 < fused.step_vanished < fused.step_updated
 
 
 @pytest.mark.parametrize("setting", [{"optimizer": "sgd", "lr": 0.5}, {"precision": "bf16"}, {"precision": "amp"}])

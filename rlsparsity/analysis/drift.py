@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 # Bins of floor(log2 r): everything below LOW_EXP and from HIGH_EXP up is lumped.
 LOW_EXP, HIGH_EXP = -10, 6
 _MIN_HALF_ULP_EXP = -134  # the bf16 subnormal step is 2^-133
@@ -54,6 +56,8 @@ class DriftHistogram:
         d = delta.float().abs()
         _, ed = torch.frexp(d)
         k = (ed.to(torch.int32) - 1 - half_exp).clamp_(LOW_EXP, HIGH_EXP) - LOW_EXP
+        # A NaN or infinite Δ is as far as it gets: the top bin (frexp's exponent is 0 there).
+        k = torch.where(torch.isfinite(d), k, HIGH_EXP - LOW_EXP)
         # Δ = 0 goes to one more bin, after the others: one bincount and no boolean indexing
         # (compacting the nonzero entries took most of a mask step's drift time).
         zero_bin = len(self.bins)
@@ -86,10 +90,27 @@ class Drift:
     step_updated: int = 0  # master entries the last step changed
     step_vanished: int = 0  # of those, entries whose bf16 view did not change
 
-    def add(self, theta0_bf16: Any, previous: Any, current: Any) -> None:
-        """One tensor: θ0's bf16 view, the masters before and after the last step."""
+    def add(self, theta0_bf16: Any, previous: Any, current: Any, *, fused: bool = True) -> None:
+        """One tensor: θ0's bf16 view, the masters before and after the last step. CPU
+        float32 masters go through one fused numba pass (`_drift_counts`); others (CUDA,
+        bf16 masters) through torch ops. Both give the same counts (tests/test_training_masks.py)."""
         import torch
 
+        kern = _kernel() if fused else None
+        if (kern is not None and current.device.type == "cpu" and current.dtype == torch.float32
+                and previous.dtype == torch.float32 and theta0_bf16.dtype == torch.bfloat16):
+            since = np.zeros(len(self.since_theta0.bins) + 1, np.int64)
+            last = np.zeros_like(since)
+            moved = np.zeros(2, np.int64)
+            kern(theta0_bf16.contiguous().view(torch.int16).numpy().reshape(-1).view(np.uint16),
+                 previous.detach().contiguous().numpy().reshape(-1), current.detach().contiguous().numpy().reshape(-1),
+                 LOW_EXP, HIGH_EXP, since, last, moved)
+            for hist, counts in ((self.since_theta0, since), (self.last_step, last)):
+                hist.zero += int(counts[-1])
+                hist.bins = [a + int(b) for a, b in zip(hist.bins, counts[:-1].tolist(), strict=True)]
+            self.step_updated += int(moved[0])
+            self.step_vanished += int(moved[1])
+            return
         half = half_ulp_exponent(theta0_bf16)
         self.since_theta0.add(current.float() - theta0_bf16.float(), half)
         step = current.float() - previous.float()
@@ -122,3 +143,103 @@ class Drift:
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step, "since_theta0": self.since_theta0.to_json(), "last_step": self.last_step.to_json(),
                 "step_updated": self.step_updated, "step_vanished": self.step_vanished, **self.metrics()}
+
+
+_f32_to_u32: Any = None  # float32 -> its bits (bitcast), set before compiling
+
+
+def _floor_log2(u: Any) -> Any:  # pragma: no cover - compiled by numba
+    """floor(log2 |x|) of a finite nonzero float32 from its bits ``u`` (subnormals too)."""
+    e = (u >> 23) & 0xFF
+    if e != 0:
+        return e - 127
+    m = u & 0x7FFFFF  # a subnormal: m · 2^-149
+    k = -150
+    while m:
+        m >>= 1
+        k += 1
+    return k
+
+
+def _half_exp(u: Any) -> Any:  # pragma: no cover - compiled by numba
+    """half_ulp_exponent of one bf16 value θ0 from its float32 bits ``u``."""
+    if (u & 0x7FFFFFFF) == 0:
+        return _MIN_HALF_ULP_EXP
+    return max(_floor_log2(u) - 8, _MIN_HALF_ULP_EXP)
+
+
+def _bin(d: Any, half: Any, low: Any, high: Any) -> Any:  # pragma: no cover - compiled by numba
+    """The histogram slot of |Δ| = d: its power-of-two bin, or the zero slot (the last)."""
+    if d == 0:
+        return high - low + 1
+    u = _f32_to_u32(d) & 0x7FFFFFFF
+    if u >= 0x7F800000:  # NaN or infinite: the top bin, as the torch path puts it
+        return high - low
+    return min(max(_floor_log2(u) - half, low), high) - low
+
+
+def _bf16_bits(u: Any) -> Any:  # pragma: no cover - compiled by numba
+    """torch's float32 -> bfloat16 cast on bits: nearest even, every NaN to 0xFFFF."""
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return 0xFFFF
+    return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+
+
+def _drift_counts(theta0, prev, cur, low, high, since, last, moved):  # pragma: no cover - compiled by numba
+    """One pass over a tensor: ``theta0`` bf16 bits (uint16), ``prev``/``cur`` float32
+    masters before/after the last step. Adds into the histograms ``since`` (Δ = cur − θ0)
+    and ``last`` (Δ = cur − prev), zero slot last, and into moved[0] (entries the step
+    changed) and moved[1] (of those, entries whose bf16 view did not change)."""
+    for i in range(cur.shape[0]):
+        t = _u16_to_f32(theta0[i])
+        half = _half_exp(_f32_to_u32(t))
+        c = cur[i]
+        p = prev[i]
+        since[_bin(abs(c - t), half, low, high)] += 1
+        step = c - p
+        last[_bin(abs(step), half, low, high)] += 1
+        if step != 0 or c != p:
+            moved[0] += 1
+            if _bf16_bits(_f32_to_u32(c)) == _bf16_bits(_f32_to_u32(p)):
+                moved[1] += 1
+
+
+_u16_to_f32: Any = None
+
+
+def _build_kernel() -> Any:
+    global _f32_to_u32, _u16_to_f32
+    from numba import types
+    from numba.extending import intrinsic
+
+    from rlsparsity.numba_jit import njit
+
+    @intrinsic
+    def f32_to_u32(typingctx, x):  # noqa: ARG001
+        def codegen(context, builder, signature, args):  # noqa: ARG001
+            return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+        return types.uint32(types.float32), codegen
+
+    @intrinsic
+    def u16_to_f32(typingctx, x):  # noqa: ARG001
+        def codegen(context, builder, signature, args):  # noqa: ARG001
+            wide = builder.shl(builder.zext(args[0], context.get_value_type(types.uint32)), context.get_constant(types.uint32, 16))
+            return builder.bitcast(wide, context.get_value_type(types.float32))
+
+        return types.float32(types.uint16), codegen
+
+    _f32_to_u32, _u16_to_f32 = f32_to_u32, u16_to_f32
+    global _floor_log2, _half_exp, _bin, _bf16_bits
+    _floor_log2, _half_exp, _bin, _bf16_bits = (njit(f) for f in (_floor_log2, _half_exp, _bin, _bf16_bits))
+    kern = njit(_drift_counts)
+    f = np.zeros(2, np.float32)
+    kern(np.zeros(2, np.uint16), f, f, LOW_EXP, HIGH_EXP, np.zeros(HIGH_EXP - LOW_EXP + 2, np.int64),
+         np.zeros(HIGH_EXP - LOW_EXP + 2, np.int64), np.zeros(2, np.int64))
+    return kern
+
+
+def _kernel() -> Any:
+    from rlsparsity.numba_jit import compiled
+
+    return compiled("drift histogram", _build_kernel)

@@ -55,3 +55,34 @@ def compiled(what: str, build: Callable[[], T]) -> T | None:
                     warnings.warn(f"numba {what} kernel unavailable ({e}); using the fallback", stacklevel=3)
             _COMPILED[what] = kernels
     return _COMPILED[what]
+
+
+_BITCASTS: tuple[Any, Any] | None = None
+
+
+def bitcasts() -> tuple[Any, Any]:
+    """numba intrinsics for bit patterns, made once: ``u16_to_f32`` (bf16 bits, uint16 ->
+    the float32 value: a 16-bit shift and a bitcast) and ``f32_to_u32`` (float32 -> its bits)."""
+    global _BITCASTS
+    if _BITCASTS is None:
+        from numba import types
+        from numba.extending import intrinsic
+
+        @intrinsic
+        def u16_to_f32(typingctx, x):  # noqa: ARG001
+            def codegen(context, builder, signature, args):  # noqa: ARG001
+                wide = builder.shl(builder.zext(args[0], context.get_value_type(types.uint32)),
+                                   context.get_constant(types.uint32, 16))
+                return builder.bitcast(wide, context.get_value_type(types.float32))
+
+            return types.float32(types.uint16), codegen
+
+        @intrinsic
+        def f32_to_u32(typingctx, x):  # noqa: ARG001
+            def codegen(context, builder, signature, args):  # noqa: ARG001
+                return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+            return types.uint32(types.float32), codegen
+
+        _BITCASTS = (u16_to_f32, f32_to_u32)
+    return _BITCASTS

@@ -83,27 +83,9 @@ def _bf16_counts(a, b, thr_abs, thr_rel, thr_paper, counts):  # pragma: no cover
 
 def _build_numba_kernel() -> Any:
     global _u16_to_f32, _f32_to_u32
-    from numba import types
-    from numba.extending import intrinsic
+    from rlsparsity.numba_jit import bitcasts, njit
 
-    from rlsparsity.numba_jit import njit
-
-    @intrinsic
-    def u16_to_f32(typingctx, x):  # noqa: ARG001
-        def codegen(context, builder, signature, args):  # noqa: ARG001
-            wide = builder.shl(builder.zext(args[0], context.get_value_type(types.uint32)), context.get_constant(types.uint32, 16))
-            return builder.bitcast(wide, context.get_value_type(types.float32))
-
-        return types.float32(types.uint16), codegen
-
-    @intrinsic
-    def f32_to_u32(typingctx, x):  # noqa: ARG001
-        def codegen(context, builder, signature, args):  # noqa: ARG001
-            return builder.bitcast(args[0], context.get_value_type(types.uint32))
-
-        return types.uint32(types.float32), codegen
-
-    _u16_to_f32, _f32_to_u32 = u16_to_f32, f32_to_u32
+    _u16_to_f32, _f32_to_u32 = bitcasts()
     kern = njit(_bf16_counts)
     z16 = np.zeros(2, dtype=np.uint16)
     kern(z16, z16, np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros(1, np.int64), np.zeros(4, np.int64))

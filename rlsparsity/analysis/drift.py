@@ -145,7 +145,8 @@ class Drift:
                 "step_updated": self.step_updated, "step_vanished": self.step_vanished, **self.metrics()}
 
 
-_f32_to_u32: Any = None  # float32 -> its bits (bitcast), set before compiling
+_f32_to_u32: Any = None  # float32 -> its bits, set before compiling (numba_jit.bitcasts)
+_u16_to_f32: Any = None  # bf16 bits -> float32, likewise
 
 
 def _floor_log2(u: Any) -> Any:  # pragma: no cover - compiled by numba
@@ -204,33 +205,11 @@ def _drift_counts(theta0, prev, cur, low, high, since, last, moved):  # pragma: 
                 moved[1] += 1
 
 
-_u16_to_f32: Any = None
-
-
 def _build_kernel() -> Any:
-    global _f32_to_u32, _u16_to_f32
-    from numba import types
-    from numba.extending import intrinsic
+    global _f32_to_u32, _u16_to_f32, _floor_log2, _half_exp, _bin, _bf16_bits
+    from rlsparsity.numba_jit import bitcasts, njit
 
-    from rlsparsity.numba_jit import njit
-
-    @intrinsic
-    def f32_to_u32(typingctx, x):  # noqa: ARG001
-        def codegen(context, builder, signature, args):  # noqa: ARG001
-            return builder.bitcast(args[0], context.get_value_type(types.uint32))
-
-        return types.uint32(types.float32), codegen
-
-    @intrinsic
-    def u16_to_f32(typingctx, x):  # noqa: ARG001
-        def codegen(context, builder, signature, args):  # noqa: ARG001
-            wide = builder.shl(builder.zext(args[0], context.get_value_type(types.uint32)), context.get_constant(types.uint32, 16))
-            return builder.bitcast(wide, context.get_value_type(types.float32))
-
-        return types.float32(types.uint16), codegen
-
-    _f32_to_u32, _u16_to_f32 = f32_to_u32, u16_to_f32
-    global _floor_log2, _half_exp, _bin, _bf16_bits
+    _u16_to_f32, _f32_to_u32 = bitcasts()
     _floor_log2, _half_exp, _bin, _bf16_bits = (njit(f) for f in (_floor_log2, _half_exp, _bin, _bf16_bits))
     kern = njit(_drift_counts)
     f = np.zeros(2, np.float32)

@@ -40,6 +40,9 @@ def test_overrides_are_dotted_and_parsed_as_yaml():
         ("dataset=gsm9k", "dataset", "allowed: add, gsm8k, math, mul"),
         ("training.foo=1", "training.foo", "allowed here: steps, lr"),
         ("rollout.backend=tgi", "rollout.backend", "'hf'"),
+        ("resources.strategy=zero3", "resources.strategy", "'ddp' or 'fsdp'"),
+        ("resources.strategy=fsdp;training.subnetwork.random.density=0.1", "resources.strategy",
+         "fsdp does not train a subnetwork"),
     ],
 )
 def test_bad_specs_name_the_field_and_allowed_values(override, field, allowed):

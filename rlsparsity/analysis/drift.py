@@ -129,6 +129,18 @@ class Drift:
             out["drift/step_update_vanished_frac"] = self.step_vanished / self.step_updated
         return out
 
+    def counts(self) -> list[int]:
+        """Every count as one flat list (to sum over the ranks that each hold some rows)."""
+        a, b = self.since_theta0, self.last_step
+        return [a.zero, *a.bins, b.zero, *b.bins, self.step_updated, self.step_vanished]
+
+    def set_counts(self, counts: list[int]) -> None:
+        """The inverse of `counts`."""
+        k = len(self.since_theta0.bins) + 1
+        for hist, part in ((self.since_theta0, counts[:k]), (self.last_step, counts[k: 2 * k])):
+            hist.zero, hist.bins = int(part[0]), [int(c) for c in part[1:]]
+        self.step_updated, self.step_vanished = (int(c) for c in counts[2 * k:])
+
     def table_rows(self) -> list[dict[str, Any]]:
         a, b = self.since_theta0, self.last_step
         rows = []

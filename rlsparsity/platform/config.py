@@ -272,6 +272,10 @@ class ResourcesSpec(Strict):
     learners: int = Field(1, ge=1)
     cpus_per_learner: float = Field(0.5, gt=0)
     gpus_per_learner: float = Field(0.0, ge=0)
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every learner holds the whole model; fsdp: FSDP2 shards the policy, the "
+        "reference, their optimizer state, the sync state and the mask recorder along dim 0 over the learners"
+    )
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as fit")
     max_failures: int = Field(
         1, ge=0, description="restarts of a trial's learners after a worker dies (Ray Train's FailureConfig), "

@@ -8,8 +8,10 @@ neither Ray nor MLflow: the rollout engines come in as a `Rollout` (Ray actors t
 `make gpu-check` run it bare.
 
 After every optimizer step rank 0 diffs the bf16 view, sends the changed entries to the
-rollout engines, and every k steps writes the bf16 mask against θ0. All ranks hold
-identical weights (DDP), so rank 0 speaks for them.
+rollout engines, and every k steps writes the bf16 mask against θ0. Under DDP all ranks
+hold identical weights, so rank 0 speaks for them; under FSDP every rank diffs and masks
+its own rows and rank 0 gathers the changed entries and the mask bits
+(`rlsparsity.platform.sharding`), so no rank holds the whole model twice.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from transformers import (
 )
 
 from rlsparsity.analysis.drift import Drift, DriftHistogram
-from rlsparsity.analysis.rank import final_update_rank
+from rlsparsity.analysis.rank import DEFAULT_MAX_DIM, RankResult, final_update_rank, skip_reason
 from rlsparsity.analysis.tables import write_csv
 from rlsparsity.analysis.trial_plots import drift_png, layer_matrix_png, over_steps_png
 from rlsparsity.contracts.layers import layer_of, matrix_type
@@ -61,11 +63,12 @@ from rlsparsity.platform.learner_state import LearnerParts, load_state, save_sta
 from rlsparsity.platform.mask_recorder import MaskRecorder, Recorded
 from rlsparsity.platform.models import load_model, load_tokenizer
 from rlsparsity.platform.models.saving import save_bf16_model, write_manifest
+from rlsparsity.platform.sharding import Layout, Ranks, full_state_dict, local
 from rlsparsity.platform.sources import StepContext, formatted, get_source
 from rlsparsity.platform.subnetwork import SubnetworkMask, build_mask
 from rlsparsity.platform.tasks import REWARDS, get_task
 from rlsparsity.platform.trial_spec import TrialSpec
-from rlsparsity.platform.weight_sync import Bf16SyncState, choose_patch
+from rlsparsity.platform.weight_sync import Bf16SyncState, choose_patch, patch_tensors
 
 
 class Sink(Protocol):
@@ -164,8 +167,9 @@ class Optimized:
 
 
 class Learner:
-    """One trial's learner on one rank. `rollout` is built from the policy's named parameters
-    (a restarted Ray actor is resynced from them); `wrap` prepares a trained module for DDP."""
+    """One trial's learner on one rank. `rollout` is built from the weights the engines serve
+    (a restarted Ray actor is resynced from them; None on a rank that does not hold them
+    whole); `wrap` prepares a trained module for DDP or FSDP, `wrap_frozen` the reference."""
 
     def __init__(
         self,
@@ -180,6 +184,7 @@ class Learner:
         world: int = 1,
         threads: int = 1,
         wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        wrap_frozen: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         subnetwork_mask: str | Path | None = None,
         device: str | torch.device | None = None,
     ) -> None:
@@ -187,6 +192,7 @@ class Learner:
         self.make_rollout, self.sink, self.target = rollout, sink, dict(target or {})
         self.rank, self.world, self.threads = rank, world, threads
         self.wrap = wrap or (lambda m: m)
+        self.wrap_frozen = wrap_frozen or (lambda m: m)
         self.subnetwork_mask = subnetwork_mask  # the source mask file of training.subnetwork
         # Where the models train (Ray Train's `get_device()` under Ray); every model, batch,
         # the sync state and the recorder live there, and only patches and packed mask bits
@@ -214,21 +220,27 @@ class Learner:
         with torch.no_grad():  # θ0 is the bf16 view of the checkpoint, as the rollout engines hold it
             for p in policy.parameters():
                 p.copy_(p.to(torch.bfloat16))
-        self.policy = policy
+        self.policy, tied = policy, tied_groups(policy)
         # One frozen θ0 per learner serves every use (KL penalty, DPO's reference, PRIME's PRM).
         reference = copy.deepcopy(policy).eval().requires_grad_(False) if t.kl_coef > 0 or self.algo.uses_reference else None
         aux = self.algo.aux(policy, self.acfg, t) if self.algo.aux else {}
         for a in aux.values():
             a.module.to(self.device)  # a side model's new layers (PPO's value head) start on the CPU
+        self.aux_modules = {k: a.module for k, a in aux.items()}
+        self.models = Models(self.wrap(policy), reference and self.wrap_frozen(reference),
+                             {k: self.wrap(a.module) for k, a in aux.items()})
+        # After wrapping: FSDP replaces the parameters with sharded ones (DTensors).
         self.named = list(policy.named_parameters())
+        self.local = [(n, local(p)) for n, p in self.named]  # this rank's rows: all of them unless sharded
+        self.sharded = any(local(p) is not p for _, p in self.named)
+        self.layout = Layout.of(self.named, self.rank, self.world, self.sharded)
+        self.ranks = Ranks(self.rank, self.world, self.device, self.sharded)
+        self.keeps_state = self.leader or self.sharded  # the ranks that diff and mask (their rows)
         self.save_weights = weights_choice(t, sum(p.numel() for _, p in self.named))
         self.subnet = None
         if t.subnetwork is not None:
-            masks = build_mask(t.subnetwork, self.named, mask_path=self.subnetwork_mask, base=self.base, tied=tied_groups(policy))
+            masks = build_mask(t.subnetwork, self.named, mask_path=self.subnetwork_mask, base=self.base, tied=tied)
             self.subnet = SubnetworkMask(self.named, masks)
-        self.rollout = self.make_rollout(self.named)
-        self.aux_modules = {k: a.module for k, a in aux.items()}
-        self.models = Models(self.wrap(policy), reference, {k: self.wrap(a.module) for k, a in aux.items()})
         # The policy's optimizer first, then each side model's own.
         # A subnetwork's weight decay is applied at its entries only, outside the optimizer.
         # The optimizer axis is the policy's: side models keep their own AdamW settings.
@@ -242,44 +254,70 @@ class Learner:
         self.curves: dict[str, list[float]] = {"reward": [], "loss": []}  # for the first-vs-last summary
         self.sync_bytes = self.dense_bytes = 0
         self.history: list[Recorded] = []  # every mask step's counts, for the curves over steps
-        if self.leader:
-            self.sync_state = Bf16SyncState(self.named)
-            self.recorder = MaskRecorder(self.named, base=self.base, tied=tied_groups(policy),
+        if self.keeps_state:
+            self.sync_state = Bf16SyncState(self.local)
+            self.recorder = MaskRecorder(self.local, base=self.base, tied=tied,
                                          criteria=t.masks.parsed_criteria(), dynamics=t.masks.dynamics)
+        if self.leader:
             self.test = formatted(self.task.problems("test", t.eval_problems, seed=10_000), spec, self.task, self.tok)
         if resume_from is not None:
             self._restore(Path(resume_from))
+        self.rollout = self.make_rollout(self._served())
         # The engines may hold other weights: a restarted learner's actors kept training's.
         self.rollout.reset(self.step_done)
-        if self.leader and resume_from is None:
-            self.before = self.evaluate()
-            self.pref_pairs = held_out_pairs(self.rollout, self.tok, self.test, t.max_new_tokens, REWARDS[t.reward])
-            self.before["test_preference_accuracy"] = preference_accuracy(policy, self.tok, self.pref_pairs)
-            self.before["test_preference_pairs"] = len(self.pref_pairs)
-            self._log({f"{k}_before": v for k, v in self.before.items()}, step=0)
+        if resume_from is None:
+            if self.leader:
+                self.before = self.evaluate()
+                self.pref_pairs = held_out_pairs(self.rollout, self.tok, self.test, t.max_new_tokens, REWARDS[t.reward])
+            if self.keeps_state:  # sharded, the forwards are collective: every rank measures
+                self.pref_pairs = self.ranks.broadcast_json(self.pref_pairs if self.leader else None)
+                accuracy = preference_accuracy(policy, self.tok, self.pref_pairs)
+            if self.leader:
+                self.before["test_preference_accuracy"] = accuracy
+                self.before["test_preference_pairs"] = len(self.pref_pairs)
+                self._log({f"{k}_before": v for k, v in self.before.items()}, step=0)
+
+    def _served(self) -> list[tuple[str, torch.Tensor]] | None:
+        """The weights a restarted rollout actor is resynced from: the policy's parameters,
+        or sharded, on rank 0 a host copy of the bf16 view that every sync patches (None on
+        the other ranks, which wait for rank 0 to resync an actor). Sharded, a collective."""
+        if not self.sharded:
+            return self.named
+        served = []
+        for (name, p), (_, part) in zip(self.named, self.local, strict=True):
+            whole = self.ranks.full(p, part.detach().to(torch.bfloat16))
+            if self.leader:
+                served.append((name, whole.cpu()))
+        self.served = dict(served)
+        return served if self.leader else None
 
     def _state_parts(self) -> LearnerParts:
-        modules = {"policy": self.named, **{f"aux.{k}": list(m.named_parameters()) for k, m in self.aux_modules.items()}}
-        return LearnerParts(modules, [o.optimizer for o in self.optimized], [o.schedule for o in self.optimized],
-                            {"shuffle": self.shuffle}, self.recorder.state_tensors() if self.leader else {})
+        aux = {f"aux.{k}": [(n, local(p)) for n, p in m.named_parameters()] for k, m in self.aux_modules.items()}
+        return LearnerParts({"policy": self.local, **aux}, [o.optimizer for o in self.optimized],
+                            [o.schedule for o in self.optimized], {"shuffle": self.shuffle},
+                            self.recorder.state_tensors() if self.keeps_state else {})
 
     def save_state(self, directory: str | Path) -> None:
-        """Rank 0: everything a restarted learner needs to continue after `step_done`."""
+        """Rank 0 (sharded: every rank, its own rows): everything a restarted learner needs
+        to continue after `step_done`."""
         extra = {
             "curves": self.curves, "sync_bytes": self.sync_bytes, "dense_bytes": self.dense_bytes,
             "before": self.before, "pref_pairs": self.pref_pairs, "history": [r.to_json() for r in self.history],
-        }
-        save_state(Path(directory), self._state_parts(), step=self.step_done, label=self.spec.label, extra=extra)
+        } if self.leader else None
+        shard = (self.rank, self.world) if self.sharded else None
+        save_state(Path(directory), self._state_parts(), step=self.step_done, label=self.spec.label, extra=extra, shard=shard)
 
     def _restore(self, directory: Path) -> None:
-        step, extra = load_state(directory, self._state_parts(), label=self.spec.label, steps=self.spec.training.steps)
+        shard = (self.rank, self.world) if self.sharded else None
+        step, extra = load_state(directory, self._state_parts(), label=self.spec.label, steps=self.spec.training.steps, shard=shard)
         self.step_done = step
+        if self.keeps_state:
+            self.pref_pairs = [tuple(pair) for pair in extra["pref_pairs"]]
+            self.sync_state = Bf16SyncState(self.local)  # what the engines get in full next
         if self.leader:
             self.curves, self.before = extra["curves"], extra["before"]
             self.sync_bytes, self.dense_bytes = extra["sync_bytes"], extra["dense_bytes"]
-            self.pref_pairs = [tuple(pair) for pair in extra["pref_pairs"]]
             self.history = [Recorded.from_json(r) for r in extra["history"]]
-            self.sync_state = Bf16SyncState(self.named)  # what the engines get in full next
             self._log({"resumed_from_step": float(step)}, step=step)
 
     def evaluate(self) -> dict[str, float]:
@@ -301,9 +339,9 @@ class Learner:
             if self.algo.prepare:
                 batch = self.algo.prepare(self.models, batch, acfg, self.spec.training)
         zero_weight = metrics.get("pairs", 1) == 0  # a stand-in batch that must change nothing
-        records = self.leader and (step % self.spec.training.masks.every == 0 or step == self.spec.training.steps)
+        records = self.keeps_state and (step % self.spec.training.masks.every == 0 or step == self.spec.training.steps)
         # The drift diagnostic needs the last step's update: keep the weights before it.
-        before = {n: p.detach().clone() for n, p in self.named} if records and self.spec.training.masks.drift else None
+        before = {n: p.detach().clone() for n, p in self.local} if records and self.spec.training.masks.drift else None
         for _ in range(acfg.epochs):
             for rows in minibatch_rows(len(batch), acfg.minibatches, batch.group_size, self.shuffle):
                 with self._autocast():
@@ -313,10 +351,11 @@ class Learner:
             o.schedule.step()
         metrics.update(loss=loss.item(), lr=self.optimized[0].schedule.get_last_lr()[0], **loss_metrics)
         self.step_done = step
-        if self.leader:
+        if self.keeps_state:
             metrics.update(self._sync(step))
             if records:
                 metrics.update(self._record(step, before))
+        if self.leader:
             metrics["rollout_restarts"] = self.rollout.restarts
             metrics["step_time_s"] = time.perf_counter() - t0
             self._log(metrics, step)
@@ -340,8 +379,9 @@ class Learner:
             self.subnet.mask_grads()
         norms = {}
         for i, o in enumerate(self.optimized):
-            if o.max_grad_norm is not None:
-                norms["grad_norm" if i == 0 else f"grad_norm_aux{i}"] = torch.nn.utils.clip_grad_norm_(o.params, o.max_grad_norm).item()
+            if o.max_grad_norm is not None:  # sharded, the norm is a DTensor: local() is its whole value
+                norm = torch.nn.utils.clip_grad_norm_(o.params, o.max_grad_norm)
+                norms["grad_norm" if i == 0 else f"grad_norm_aux{i}"] = local(norm).item()
             if i == 0 and self.subnet is not None:
                 self.subnet.decay(o.optimizer.param_groups[0]["lr"], self.spec.training.weight_decay)
             o.optimizer.step()
@@ -350,8 +390,14 @@ class Learner:
     def _sync(self, step: int) -> dict[str, float]:
         r = self.spec.rollout.sync
         t_diff = time.perf_counter()
-        patch = choose_patch(self.sync_state.diff(self.named, on_changed=self.recorder.mark_changed),
-                             self.named, r.mode, r.dense_above)
+        patch = self.sync_state.diff(self.local, on_changed=self.recorder.mark_changed)
+        if self.sharded:  # rank 0 gets every rank's changed rows
+            patch = self.ranks.gather_patch(patch, self.local, self.layout, r.mode, r.dense_above)
+            if patch is None:
+                return {}
+            patch_tensors(self.served, patch)  # what a restarted actor gets
+        else:
+            patch = choose_patch(patch, self.named, r.mode, r.dense_above)
         t_send = time.perf_counter()
         self.rollout.sync(patch, version=step)
         self.sync_bytes += patch.nbytes
@@ -367,10 +413,14 @@ class Learner:
     def _record(self, step: int, before: dict[str, torch.Tensor] | None) -> dict[str, float]:
         """Rank 0 at a mask step: every mask series (and its table), the drift diagnostic."""
         final = step == self.spec.training.steps
+        gather = (lambda bits, names: self.ranks.gather_bits(bits, names, self.layout)) if self.sharded else None
         with tempfile.TemporaryDirectory(prefix="rlsparsity-mask-") as workdir:
-            recorded, files = self.recorder.record(self.named, Path(workdir), step, final=final, target=self.target)
+            recorded, files = self.recorder.record(self.local, Path(workdir), step, final=final, target=self.target,
+                                                   shapes=self.layout.shapes, gather=gather)
             if before is not None:
                 files += self._drift(step, before, Path(workdir))
+            if not self.leader:
+                return {}
             self._log_all(files)
         self.history.append(recorded)
         metrics = recorded.metrics()
@@ -383,8 +433,11 @@ class Learner:
 
     def _drift(self, step: int, before: dict[str, torch.Tensor], workdir: Path) -> list[tuple[Path, str]]:
         drift = Drift(step)
-        for name, p in self.named:
+        for name, p in self.local:
             drift.add(self.recorder.base_bf16(name), before[name], p.detach())
+        drift.set_counts(self.ranks.sum_ints(drift.counts()))  # sharded: every rank's rows
+        if not self.leader:
+            return []
         self.last_drift = drift
         stem = Path(mask_file_name(None if step == self.spec.training.steps else step)).stem
         table = write_csv(drift.table_rows(), workdir / DRIFT_DIR / f"{stem}.csv")
@@ -424,12 +477,18 @@ class Learner:
     # ---------------------------------------------------------------------------- finish
     def finish(self) -> dict[str, float]:
         """Rank 0: the trial's summary (held-out accuracy after, first vs last curves, sync
-        totals, final mask metrics), logged at the last step and returned. Other ranks: {}."""
-        if not self.leader:
+        totals, final mask metrics), logged at the last step and returned. Other ranks: {}
+        (sharded, they take part in the collective forwards and gathers first)."""
+        if not self.keeps_state:
             return {}
         t = self.spec.training
+        accuracy = preference_accuracy(self.policy, self.tok, self.pref_pairs)
+        rank = self._update_rank()
+        weights_bytes = self._save_weights() if self.save_weights == "final" else None
+        if not self.leader:
+            return {}
         after = self.evaluate()
-        after["test_preference_accuracy"] = preference_accuracy(self.policy, self.tok, self.pref_pairs)
+        after["test_preference_accuracy"] = accuracy
         summary = {f"{k}_before": v for k, v in self.before.items()}
         summary.update({f"{k}_after": v for k, v in after.items()})
         for key, curve in self.curves.items():
@@ -437,20 +496,40 @@ class Learner:
                 summary[f"train_{key}_first"], summary[f"train_{key}_last"] = first_last(curve)
         summary.update(sync_bytes_total=self.sync_bytes, sync_dense_bytes_total=self.dense_bytes)
         summary.update(self.history[-1].metrics(FINAL_PREFIX))
-        summary.update(self._final_figures())
-        if self.save_weights == "final":
-            summary["weights_bytes"] = self._save_weights()
+        summary.update(self._final_figures(rank))
+        if weights_bytes is not None:
+            summary["weights_bytes"] = weights_bytes
         self._log({k: v for k, v in summary.items() if not k.endswith("_before")}, step=t.steps)
         return summary
 
-    def _final_figures(self) -> dict[str, float]:
+    def _update_rank(self) -> RankResult | None:
+        """The update rank of the final bf16 view (the paper's Table 2), on rank 0. Sharded,
+        each matrix and its θ0 are gathered whole in turn, on every rank (a collective)."""
+        if not self.sharded:
+            return final_update_rank(self.recorder.base_bf16, self.named) if self.leader else None
+        theta0: dict[str, torch.Tensor] = {}
+
+        def whole():
+            for (name, p), (_, part) in zip(self.named, self.local, strict=True):
+                if skip_reason(name, tuple(p.shape), DEFAULT_MAX_DIM):
+                    yield name, torch.empty(p.shape, device="meta")
+                    continue
+                theta0[name] = self.ranks.full(p, self.recorder.base_bf16(name))
+                yield name, self.ranks.full(p, part.detach())
+
+        if self.leader:
+            return final_update_rank(theta0.pop, whole())
+        for _ in whole():
+            pass
+        return None
+
+    def _final_figures(self, rank: RankResult) -> dict[str, float]:
         """Rank 0 at the end: the per-layer × matrix sparsity of every criterion, the curves
-        over mask steps, and the update rank of the final checkpoint (the paper's Table 2)."""
+        over mask steps, and the update rank of the final checkpoint."""
         last, label = self.history[-1], self.spec.label
         key = lambda n: (layer_of(n), matrix_type(n))  # noqa: E731
         criteria = [c.slug for c in self.recorder.criteria]
         steps = [r.step for r in self.history]
-        rank = final_update_rank(self.recorder.base_bf16, self.named)
         with tempfile.TemporaryDirectory(prefix="rlsparsity-plots-") as workdir:
             out = Path(workdir)
             layer_matrix_png({s: {k: 1 - c / n for k, (c, n) in last.series[s].grouped(key).items()} for s in criteria},
@@ -467,12 +546,20 @@ class Learner:
 
     def _save_weights(self) -> float:
         """Log the final bf16 view as a Hugging Face directory; its manifest goes last, so
-        a reader never takes a partly uploaded directory for a complete one."""
+        a reader never takes a partly uploaded directory for a complete one. Sharded, the
+        weights are first gathered whole onto rank 0's host (a collective)."""
+        model = self.policy
+        if self.sharded:
+            state = full_state_dict(self.policy)
+            if not self.leader:
+                return 0.0
+            model = load_model(self.model_path, dtype=torch.float32)
+            model.load_state_dict(state)
         if self.sink is None:
             return 0.0
         with tempfile.TemporaryDirectory(prefix="rlsparsity-weights-") as workdir:
             model_dir = Path(workdir) / WEIGHTS_DIR
-            files = save_bf16_model(self.policy, self.tok, model_dir)
+            files = save_bf16_model(model, self.tok, model_dir)
             info = {"base": self.base, "target": {**self.target, "step": self.step_done}}
             if self.subnet is not None:
                 info["subnetwork"] = {"kind": self.spec.training.subnetwork.kind, "density": self.subnet.density}

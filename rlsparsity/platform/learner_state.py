@@ -7,7 +7,10 @@ step counts, each schedule's position, the RNG states and, from rank 0, the tria
 counters (curves, sync bytes, the held-out measurements taken at θ0). θ0 itself, the
 reference model, the subnetwork mask and the mask recorder's base are rebuilt from the
 model directory as at the start. `state.json` is written last: a folder without it is
-incomplete and refused.
+incomplete and refused. Under FSDP every rank writes the tensors of its own rows, with its
+rank in the file names (`weights.rank1-of-2.safetensors`), into the same folder (Ray Train
+merges the ranks' checkpoint files), and reads its own back: a state resumes only with the
+world size that wrote it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 STATE_FORMAT = "rlsparsity.learner_state/1"
 STATE_JSON = "state.json"
@@ -40,8 +44,8 @@ def optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, 
     scalars: dict[str, dict[str, Any]] = {}
     for idx, per_param in sd["state"].items():
         for key, value in per_param.items():
-            if torch.is_tensor(value):
-                tensors[f"{prefix}.{idx}.{key}"] = value.detach().contiguous()
+            if torch.is_tensor(value):  # FSDP's moments are DTensors: this rank's rows
+                tensors[f"{prefix}.{idx}.{key}"] = (value.to_local() if isinstance(value, DTensor) else value).detach().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     keys = {str(idx): sorted(k for k, v in st.items() if torch.is_tensor(v)) for idx, st in sd["state"].items()}
@@ -50,11 +54,27 @@ def optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str) -> None:
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g) for g in meta["param_groups"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
     state: dict[int, dict[str, Any]] = {}
     for idx, keys in meta["tensor_keys"].items():
-        state[int(idx)] = {k: tensors[f"{prefix}.{idx}.{k}"] for k in keys}
+        state[int(idx)] = {k: _like(params[int(idx)], tensors[f"{prefix}.{idx}.{k}"]) for k in keys}
         state[int(idx)].update(meta["scalars"].get(idx, {}))
     opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _like(param: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A saved per-parameter moment as the optimizer holds it: sharded like an FSDP parameter."""
+    if isinstance(param, DTensor) and t.dim() > 0:
+        return DTensor.from_local(t.to(param.to_local().device), param.device_mesh, param.placements,
+                                  shape=param.shape, stride=param.stride())
+    return t
+
+
+def _name(file: str, shard: tuple[int, int] | None) -> str:
+    if shard is None:
+        return file
+    stem, ext = file.split(".", 1)
+    return f"{stem}.rank{shard[0]}-of-{shard[1]}.{ext}"
 
 
 @dataclass
@@ -69,25 +89,31 @@ class LearnerParts:
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # rank 0's mask recorder state
 
 
-def save_state(directory: Path, parts: LearnerParts, *, step: int, label: str, extra: dict[str, Any]) -> None:
-    """Write the state after optimizer step `step`; `extra` is JSON (rank 0's counters)."""
+def save_state(directory: Path, parts: LearnerParts, *, step: int, label: str, extra: dict[str, Any] | None,
+               shard: tuple[int, int] | None = None) -> None:
+    """Write the state after optimizer step `step`; `extra` is JSON (rank 0's counters).
+    `shard` (rank, world): this rank's rows of a sharded learner; only rank 0 writes
+    `state.json`, and a rank whose `extra` is None writes its tensors only."""
     modules, optimizers, schedules, generators = parts.modules, parts.optimizers, parts.schedules, parts.generators
     directory.mkdir(parents=True, exist_ok=True)
     weights = {f"{key}.{name}": p.detach().contiguous() for key, named in modules.items() for name, p in named}
-    save_file(weights, str(directory / WEIGHTS_FILE))
-    save_file({k: t.detach().contiguous() for k, t in parts.buffers.items()}, str(directory / BUFFERS_FILE))
+    save_file(weights, str(directory / _name(WEIGHTS_FILE, shard)))
+    save_file({k: t.detach().contiguous() for k, t in parts.buffers.items()}, str(directory / _name(BUFFERS_FILE, shard)))
     opt_tensors: dict[str, torch.Tensor] = {}
     opt_meta = []
     for i, opt in enumerate(optimizers):
         tensors, meta = optimizer_state(opt, f"opt{i}")
         opt_tensors.update(tensors)
         opt_meta.append(meta)
-    save_file(opt_tensors, str(directory / OPTIMIZER_FILE))
+    save_file(opt_tensors, str(directory / _name(OPTIMIZER_FILE, shard)))
     rng = {"torch": torch.get_rng_state(), **{f"generator.{k}": g.get_state() for k, g in generators.items()}}
-    save_file(rng, str(directory / RNG_FILE))
+    save_file(rng, str(directory / _name(RNG_FILE, shard)))
+    if extra is None:
+        return
     state = {
         "format": STATE_FORMAT, "step": step, "label": label, "modules": sorted(modules),
         "optimizers": opt_meta, "schedules": [s.state_dict() for s in schedules], "extra": extra,
+        "shards": shard[1] if shard else None,
     }
     tmp = directory / (STATE_JSON + ".tmp")
     tmp.write_text(json.dumps(state))
@@ -125,11 +151,15 @@ def _checked(path: Path, live: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def load_state(directory: Path, parts: LearnerParts, *, label: str, steps: int) -> tuple[int, dict[str, Any]]:
+def load_state(directory: Path, parts: LearnerParts, *, label: str, steps: int,
+               shard: tuple[int, int] | None = None) -> tuple[int, dict[str, Any]]:
     """Load what `save_state` wrote into the learner's live objects, in place; (step, extra).
     Every tensor is checked against the live one's name, shape and dtype first."""
     modules, optimizers, schedules, generators = parts.modules, parts.optimizers, parts.schedules, parts.generators
     state = read_state_json(directory)
+    if state.get("shards") != (shard[1] if shard else None):
+        raise LearnerStateError(f"{directory}: written by {state.get('shards') or 'an unsharded learner'} sharded ranks, "
+                                f"read by {shard[1] if shard else 'an unsharded learner'}")
     if state["label"] != label:
         raise LearnerStateError(f"{directory}: the state of trial {state['label']!r}, not of {label!r}")
     if not 1 <= state["step"] < steps:
@@ -140,21 +170,21 @@ def load_state(directory: Path, parts: LearnerParts, *, label: str, steps: int) 
             f"expected {sorted(modules)} with {len(optimizers)}"
         )
     live = {f"{key}.{name}": p for key, named in modules.items() for name, p in named}
-    weights = _checked(directory / WEIGHTS_FILE, live)
-    buffers = _checked(directory / BUFFERS_FILE, parts.buffers) if parts.buffers else {}  # rank 0's only
+    weights = _checked(directory / _name(WEIGHTS_FILE, shard), live)
+    buffers = _checked(directory / _name(BUFFERS_FILE, shard), parts.buffers) if parts.buffers else {}  # rank 0's only
     for name, p in live.items():
         p.copy_(weights[name])
     for name, b in parts.buffers.items():
         b.copy_(buffers[name])
-    opt_tensors = _tensors(directory / OPTIMIZER_FILE)
+    opt_tensors = _tensors(directory / _name(OPTIMIZER_FILE, shard))
     for i, (opt, meta) in enumerate(zip(optimizers, state["optimizers"], strict=True)):
         try:
             load_optimizer_state(opt, opt_tensors, meta, f"opt{i}")
         except (KeyError, ValueError) as e:
-            raise LearnerStateError(f"{directory / OPTIMIZER_FILE}: optimizer {i} does not fit: {e}") from e
+            raise LearnerStateError(f"{directory / _name(OPTIMIZER_FILE, shard)}: optimizer {i} does not fit: {e}") from e
     for schedule, sd in zip(schedules, state["schedules"], strict=True):
         schedule.load_state_dict(sd)
-    rng = _tensors(directory / RNG_FILE)
+    rng = _tensors(directory / _name(RNG_FILE, shard))
     torch.set_rng_state(rng["torch"])
     for key, g in generators.items():
         g.set_state(rng[f"generator.{key}"])

@@ -14,7 +14,8 @@ series), which the MLflow UI previews as a table.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,47 +153,64 @@ class MaskRecorder:
 
     @torch.no_grad()
     def record(self, named_params: Iterable[tuple[str, torch.Tensor]], workdir: Path, step: int, *,
-               final: bool, target: dict[str, Any]) -> tuple[Recorded, list[tuple[Path, str]]]:
+               final: bool, target: dict[str, Any], shapes: dict[str, tuple[int, ...]] | None = None,
+               gather: Callable[[dict[str, list[np.ndarray]], list[str]], dict[str, list[np.ndarray]] | None] | None = None,
+               ) -> tuple[Recorded | None, list[tuple[Path, str]]]:
         """Write every series' mask at `step` under `workdir`; returns the counts and the
-        (file, artifact folder) pairs to log."""
-        name = mask_file_name(None if final else step)
+        (file, artifact folder) pairs to log. Sharded (FSDP), `named_params` are this rank's
+        rows: `gather(bits, names)` gives rank 0 each whole tensor's packed bits (None on
+        the other ranks, which then return (None, [])) and `shapes` the whole shapes."""
         bf16_criteria = [c for c in self.criteria if c.view == "bf16"]
         series = [c.slug for c in self.criteria] + ([SINCE_PREV, EVER] if self.dynamics else [])
+        bits: dict[str, list[np.ndarray]] = {slug: [] for slug in series}
+        names: list[str] = []
+        for tensor, p in named_params:
+            names.append(tensor)
+            cur = p.detach().to(torch.bfloat16, copy=True)
+            masks = compare(self.base_bf16(tensor), cur, [c.criterion for c in bf16_criteria],
+                            masks=range(len(bf16_criteria)), packed=True).masks
+            for i, c in enumerate(bf16_criteria):
+                bits[c.slug].append(masks[i])
+            if "masters" in bits:
+                bits["masters"].append(compare(self.base_master[tensor], p.detach(), [BITWISE], masks=[0], packed=True).masks[0])
+            if self.dynamics:
+                bits[SINCE_PREV].append(compare(self.prev_bf16[tensor], cur, [BITWISE], masks=[0], packed=True).masks[0])
+                bits[EVER].append(np.packbits(self.ever[tensor].reshape(-1).cpu().numpy(), bitorder="little"))
+                self.prev_bf16[tensor] = cur
+        if gather is not None:
+            whole = gather(bits, names)
+            if whole is None:
+                return None, []
+            bits = {slug: whole[slug] for slug in series}
+        shapes = shapes or {}
+        return self._write(bits, names, shapes, workdir, step, final=final, target=target)
+
+    def _write(self, bits: dict[str, list[np.ndarray]], names: list[str], shapes: dict[str, tuple[int, ...]],
+               workdir: Path, step: int, *, final: bool, target: dict[str, Any]) -> tuple[Recorded, list[tuple[Path, str]]]:
+        name = mask_file_name(None if final else step)
         meta = {c.slug: (c.criterion.to_meta() | {"view": c.view}, "bfloat16" if c.view == "bf16" else None)
                 for c in self.criteria}
         meta[SINCE_PREV] = (BITWISE.to_meta() | {"view": "bf16", "against": "previous mask step"}, "bfloat16")
         meta[EVER] = ({"mode": "ever", "spec": "ever", "view": "bf16",
                        "meaning": "the bf16 view changed at any optimizer step up to this one"}, "bfloat16")
-        writers: dict[str, MaskWriter] = {}
-        stats = {slug: SeriesStats() for slug in series}
+        stats = {slug: SeriesStats() for slug in bits}
         files: list[tuple[Path, str]] = []
+        writers: list[MaskWriter] = []
         try:
-            for slug in series:
+            for slug, per_tensor in bits.items():
                 criterion, dtype = meta[slug]
                 path = workdir / mask_dir(slug) / name
-                writers[slug] = MaskWriter(path, criterion=criterion, dtype=dtype or self.master_dtype, base=self.base,
-                                           target={**target, "step": step}, tied=self.tied, extra={"series": slug})
+                writer = MaskWriter(path, criterion=criterion, dtype=dtype or self.master_dtype, base=self.base,
+                                    target={**target, "step": step}, tied=self.tied, extra={"series": slug})
+                writers.append(writer)
+                for tensor, b in zip(names, per_tensor, strict=True):
+                    shape = shapes.get(tensor) or tuple(self.base_master[tensor].shape)
+                    stats[slug].changed[tensor] = writer.add_bits(tensor, shape, b)
+                    stats[slug].numel[tensor] = math.prod(shape)
+                writer.close()
                 files.append((path, mask_dir(slug)))
-            for tensor, p in named_params:
-                shape, cur = tuple(p.shape), p.detach().to(torch.bfloat16, copy=True)
-                masks = compare(self.base_bf16(tensor), cur, [c.criterion for c in bf16_criteria],
-                                masks=range(len(bf16_criteria)), packed=True).masks
-                for i, c in enumerate(bf16_criteria):
-                    stats[c.slug].changed[tensor] = writers[c.slug].add_bits(tensor, shape, masks[i])
-                if any(c.view == "masters" for c in self.criteria):
-                    m = compare(self.base_master[tensor], p.detach(), [BITWISE], masks=[0], packed=True).masks[0]
-                    stats["masters"].changed[tensor] = writers["masters"].add_bits(tensor, shape, m)
-                if self.dynamics:
-                    m = compare(self.prev_bf16[tensor], cur, [BITWISE], masks=[0], packed=True).masks[0]
-                    stats[SINCE_PREV].changed[tensor] = writers[SINCE_PREV].add_bits(tensor, shape, m)
-                    stats[EVER].changed[tensor] = writers[EVER].add(tensor, shape, self.ever[tensor].cpu().numpy())
-                    self.prev_bf16[tensor] = cur
-                for s in stats.values():
-                    s.numel[tensor] = p.numel()
-            for w in writers.values():
-                w.close()
         except BaseException:
-            for w in writers.values():
+            for w in writers:
                 w.abort()
             raise
         recorded = Recorded(step, stats)

@@ -69,9 +69,11 @@ class RolloutPool:
     """The learner's handle on its rollout actors: generation and weight sync that survive an
     actor restart. `named_params` are the learner's master weights; the engines hold their
     bf16 view as of the last sync, which is also the current one whenever the pool is used
-    (the learner syncs right after each optimizer step, before anyone samples)."""
+    (the learner syncs right after each optimizer step, before anyone samples). A rank
+    without the weights whole (sharded, not rank 0) passes None and waits for rank 0 to
+    resync a restarted actor."""
 
-    def __init__(self, actors: list, named_params: list[tuple[str, torch.Tensor]]) -> None:
+    def __init__(self, actors: list, named_params: list[tuple[str, torch.Tensor]] | None) -> None:
         self.actors = actors
         self.named = named_params
         self.version = 0
@@ -99,17 +101,22 @@ class RolloutPool:
         self.restarts = restarts  # the learner restarted, not the engines
 
     def resync(self) -> None:
-        """Full weights to every actor that restarted (waits for Ray to bring it back)."""
+        """Full weights to every actor that restarted (waits for Ray to bring it back); a
+        rank without the weights waits for rank 0 to resync it."""
         deadline = time.monotonic() + RESTART_TIMEOUT_S
         while True:
             try:
                 versions = ray.get([a.get_version.remote() for a in self.actors])
-                break
+                stale = [a for a, v in zip(self.actors, versions, strict=True) if v != self.version]
+                if not stale or self.named is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rollout actors at versions {versions}, not {self.version}, "
+                                       f"{RESTART_TIMEOUT_S} s after rank 0 should have resynced them")
             except ray.exceptions.ActorUnavailableError:  # still restarting
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.5)
-        stale = [a for a, v in zip(self.actors, versions, strict=True) if v != self.version]
+            time.sleep(0.5)
         if stale:
             self.restarts += len(stale)
             full = full_patch(self.named)

@@ -17,6 +17,7 @@ from rlsparsity.contracts.mlflow_layout import SUMMARY_METRICS
 from rlsparsity.platform.learner import Learner, run_learner
 from rlsparsity.platform.plugins import import_plugins
 from rlsparsity.platform.rollout import RolloutPool
+from rlsparsity.platform.sharding import shard_model
 from rlsparsity.platform.tracking import RunSink, Tracker
 
 REPORT_EVERY = 10  # steps between progress reports to Ray Train / Tune
@@ -35,14 +36,18 @@ def train_loop(cfg: dict[str, Any]) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()  # this worker's GPU (NCCL between them), else the CPU (gloo)
+    wrap = wrap_frozen = None
+    if spec.resources.strategy == "fsdp":
+        wrap = wrap_frozen = lambda m: shard_model(m, device)  # noqa: E731
+    elif world > 1:
+        wrap = lambda m: ray.train.torch.prepare_model(m, move_to_device=False)  # noqa: E731
     sink = RunSink(Tracker(cfg["tracking_uri"], spec.tracking.artifact_location, cfg.get("spool")), cfg["run_id"]) if rank == 0 else None
     learner = Learner(
         spec, cfg["model_path"], base=cfg["base"], target={"run_id": cfg["run_id"]},
         rollout=lambda named: RolloutPool(cfg["rollout_actors"], named), sink=sink,
         rank=rank, world=world, threads=cfg["threads"],
-        wrap=(lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None,
-        subnetwork_mask=cfg.get("subnetwork_mask"),
-        device=ray.train.torch.get_device(),  # this worker's GPU (NCCL between them), else the CPU (gloo)
+        wrap=wrap, wrap_frozen=wrap_frozen, subnetwork_mask=cfg.get("subnetwork_mask"), device=device,
     )
 
     every = spec.training.checkpoint_every
@@ -53,12 +58,14 @@ def train_loop(cfg: dict[str, Any]) -> None:
         if step == spec.training.steps:
             return  # the final report follows, with the summary
         if every is not None and step % every == 0:
-            # Rank 0 writes the learner's state; Ray Train persists it to the run's storage
-            # and hands it to the workers it restarts after a failure (FailureConfig).
+            # Rank 0 writes the learner's state (sharded: every rank its rows, files named by
+            # rank); Ray Train merges the ranks' files into the run's storage and hands them
+            # to the workers it restarts after a failure (FailureConfig).
+            writes = rank == 0 or learner.sharded
             with tempfile.TemporaryDirectory(prefix="rlsparsity-state-") as tmp:
-                if rank == 0:
+                if writes:
                     learner.save_state(tmp)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+                checkpoint = ray.train.Checkpoint.from_directory(tmp) if writes else None
                 ray.train.report(_reportable(step, metrics), checkpoint=checkpoint)
         # A report waits for Ray Train's controller to collect the previous one (about 2 s
         # here), so per-step reports would dominate a fast step; MLflow gets every step.

@@ -108,6 +108,9 @@ class TrialSpec(Strict):
             raise ValueError(f"training.reward: unknown reward {self.training.reward!r}; allowed: {', '.join(sorted(REWARDS))}")
         if self.algorithm not in self.algorithm_config:
             _validate_algorithm_config(self.algorithm, {})
+        if self.resources.strategy == "fsdp" and self.training.subnetwork is not None:
+            raise ValueError("resources.strategy: fsdp does not train a subnetwork (training.subnetwork masks "
+                             "whole tensors on one rank); use ddp")
         if self.training.kl_coef > 0 and not ALGORITHMS[self.algorithm].kl_penalty:
             with_kl = ", ".join(sorted(n for n, a in ALGORITHMS.items() if a.kl_penalty))
             raise ValueError(f"training.kl_coef: {self.algorithm} applies no KL penalty; set 0, or use one of: {with_kl}")

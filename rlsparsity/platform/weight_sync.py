@@ -149,7 +149,12 @@ def choose_patch(
 
 @torch.no_grad()
 def apply_patch(model: torch.nn.Module, patch: SparsePatch) -> None:
-    params = dict(model.named_parameters())
+    patch_tensors(dict(model.named_parameters()), patch)
+
+
+@torch.no_grad()
+def patch_tensors(params: dict[str, torch.Tensor], patch: SparsePatch) -> None:
+    """Apply `patch` to these tensors in place (a model's parameters, or a copy of its bf16 view)."""
     unknown = set(patch.tensors) - set(params)
     if unknown:
         raise KeyError(f"weight patch names tensors the rollout model lacks: {sorted(unknown)}")

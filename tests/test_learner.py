@@ -87,3 +87,22 @@ def test_lr_schedule_warms_up_without_a_zero_step_and_decays_to_zero(schedule, w
         want.append({"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[schedule])
     assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
     assert min(got) > 0
+
+
+def test_gradient_checkpointing_trains_the_same_weights(embedded_model_dir, tmp_path):
+    """training.gradient_checkpointing recomputes activations in the backward; the updates,
+    and so the weights and the masks, are the same bit for bit."""
+    weights = {}
+    for on in (False, True):
+        spec = _spec("grpo", steps=2)
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"gradient_checkpointing": on})})
+        engine = HFEngine(embedded_model_dir, threads=1)
+        learner = Learner(spec, embedded_model_dir, base={"id": "embedded", "hash": "h"},
+                          rollout=lambda named, engine=engine: LocalRollout(engine, named), sink=LocalSink(tmp_path / str(on)))
+        run_learner(learner)
+        assert learner.policy.is_gradient_checkpointing == on
+        weights[on] = {n: p.detach().clone() for n, p in learner.policy.named_parameters()}
+    assert all(torch.equal(weights[True][n], weights[False][n]) for n in weights[False])
+    assert any(not torch.equal(weights[True][n], p.detach()) for n, p in load_model(embedded_model_dir).named_parameters())
+    masks = [read_mask(tmp_path / str(on) / "masks" / "final.arrow").meta["checksum"] for on in (False, True)]
+    assert masks[0] == masks[1]

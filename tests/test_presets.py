@@ -21,7 +21,8 @@ CPU_PRESETS = [p for p in PRESETS if p not in GPU_PRESETS]
 
 def test_presets_are_found() -> None:
     assert "sweeps/smollm2.yaml" in CPU_PRESETS and "sweeps/paper/precision.yaml" in CPU_PRESETS
-    assert {"sweeps/gpu/qwen2.5-0.5b-instruct.yaml", "sweeps/gpu/qwen2.5-1.5b-instruct.yaml"} <= set(GPU_PRESETS)
+    assert {"sweeps/gpu/qwen2.5-0.5b-instruct.yaml", "sweeps/gpu/qwen2.5-1.5b-instruct.yaml",
+            "sweeps/gpu/qwen2.5-7b-instruct.yaml"} <= set(GPU_PRESETS)
 
 
 @pytest.mark.parametrize("preset", CPU_PRESETS)
@@ -60,11 +61,15 @@ def test_gpu_preset_dry_run(preset: str, tmp_path: Path, monkeypatch) -> None:
     (trial, *_) = spec.trials()
     assert trial.model.startswith("Qwen/Qwen2.5-") and trial.model.endswith("B-Instruct")
     assert trial.rollout.backend == "vllm" and trial.rollout.gpus == 1 and trial.resources.gpus_per_learner == 1
-    assert trial.gpus() == 2 and trial.training.precision == "amp"
+    assert trial.training.precision == "amp"
+    if trial.model.endswith("7B-Instruct"):  # FSDP over 8 learner GPUs, and the vLLM engine's
+        assert trial.resources.strategy == "fsdp" and trial.training.gradient_checkpointing
+        assert trial.gpus() == 9 and "per trial 36 CPU, 9 GPU" in run.stderr and "precision amp, fsdp)" in run.stderr
+    else:
+        assert trial.resources.strategy == "ddp" and trial.gpus() == 2 and "per trial 8 CPU, 2 GPU" in run.stderr
     # The dataset presets set each dataset's reward and chat prompts.
     rewards = {t.dataset_label: t.training.reward for t in spec.trials()}
     assert rewards == {"gsm8k": "gsm8k", "math": "boxed"}
-    assert "per trial 8 CPU, 2 GPU" in run.stderr
     assert f"not checked: model '{trial.model}'" in run.stderr
     assert "not checked: dataset 'openai/gsm8k'" in run.stderr
     assert "not checked: dataset 'DigitalLearningGmbH/MATH-lighteval'" in run.stderr

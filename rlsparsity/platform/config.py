@@ -187,6 +187,12 @@ class TrainingSpec(Strict):
         "view; amp: the same masters with bf16 autocast for forward and backward (what RL frameworks run on GPUs; "
         "slow on a CPU); bf16: weights, gradients and optimizer state held in bfloat16, as a pure-bf16 trainer"
     )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each transformer block's activations in the backward (transformers' "
+        "gradient checkpointing): far less activation memory for about a third more compute, the same "
+        "gradients. It puts the policy in train mode, so dropout applies where the model's config sets it "
+        "(Qwen2.5, Llama and SmolLM2 set none)"
+    )
     sft_style: Literal["ood", "native"] = "ood"
     reward: str = Field(
         "exact", description="a name in tasks.REWARDS. exact: the completion is the answer and stops; "

@@ -223,6 +223,9 @@ class Learner:
         self.policy, tied = policy, tied_groups(policy)
         # One frozen θ0 per learner serves every use (KL penalty, DPO's reference, PRIME's PRM).
         reference = copy.deepcopy(policy).eval().requires_grad_(False) if t.kl_coef > 0 or self.algo.uses_reference else None
+        if t.gradient_checkpointing:  # after the reference's copy, which never runs a backward
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            policy.train()  # transformers checkpoints only in train mode
         aux = self.algo.aux(policy, self.acfg, t) if self.algo.aux else {}
         for a in aux.values():
             a.module.to(self.device)  # a side model's new layers (PPO's value head) start on the CPU

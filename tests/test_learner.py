@@ -12,8 +12,9 @@ import torch
 from rlsparsity.contracts.mask import read_mask
 from rlsparsity.platform.config import TrainingSpec
 from rlsparsity.platform.engines import HFEngine, LocalRollout
-from rlsparsity.platform.learner import Learner, LocalSink, lr_schedule, run_learner
+from rlsparsity.platform.learner import Learner, LocalSink, run_learner
 from rlsparsity.platform.models import load_model
+from rlsparsity.platform.optimization import lr_schedule
 from rlsparsity.sweeps.spec import SweepSpec
 
 

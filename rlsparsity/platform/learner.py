@@ -28,14 +28,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from transformers import (
-    get_constant_schedule_with_warmup,
-    get_cosine_schedule_with_warmup,
-    get_linear_schedule_with_warmup,
-)
 
 from rlsparsity.analysis.drift import Drift, DriftHistogram
-from rlsparsity.analysis.rank import DEFAULT_MAX_DIM, RankResult, final_update_rank, skip_reason
+from rlsparsity.analysis.rank import RankResult, final_update_rank
 from rlsparsity.analysis.tables import write_csv
 from rlsparsity.analysis.trial_plots import drift_png, layer_matrix_png, over_steps_png
 from rlsparsity.contracts.layers import layer_of, matrix_type
@@ -51,7 +46,6 @@ from rlsparsity.contracts.mlflow_layout import (
 )
 from rlsparsity.platform.algorithms import Models, get_algorithm
 from rlsparsity.platform.batches import token_logprobs
-from rlsparsity.platform.config import TrainingSpec
 from rlsparsity.platform.engines import Rollout
 from rlsparsity.platform.evaluation import (
     first_last,
@@ -62,7 +56,8 @@ from rlsparsity.platform.evaluation import (
 from rlsparsity.platform.learner_state import LearnerParts, load_state, save_state
 from rlsparsity.platform.mask_recorder import MaskRecorder, Recorded
 from rlsparsity.platform.models import load_model, load_tokenizer
-from rlsparsity.platform.models.saving import save_bf16_model, write_manifest
+from rlsparsity.platform.models.saving import save_bf16_model, weights_choice, write_manifest
+from rlsparsity.platform.optimization import Optimized, lr_schedule, make_optimizer, minibatch_rows
 from rlsparsity.platform.sharding import Layout, Ranks, full_state_dict, local
 from rlsparsity.platform.sources import StepContext, formatted, get_source
 from rlsparsity.platform.subnetwork import SubnetworkMask, build_mask
@@ -106,64 +101,6 @@ def tied_groups(model: torch.nn.Module) -> list[list[str]]:
     for name, t in model.state_dict(keep_vars=True).items():
         by_ptr.setdefault(t.data_ptr(), []).append(name)
     return [names for names in by_ptr.values() if len(names) > 1]
-
-
-def lr_schedule(opt: torch.optim.Optimizer, t: TrainingSpec) -> torch.optim.lr_scheduler.LRScheduler:
-    """transformers' schedule, evaluated one step ahead: optimizer step i (from 0) uses the
-    factor at i + 1, so warmup ramps (i + 1) / (warmup + 1) and no step runs at lr 0 (on
-    noisy policy gradients Adam's first steps move every weight by about lr whatever the
-    gradient's size, so the warmup matters, and a step at lr 0 would be wasted)."""
-    for group in opt.param_groups:
-        group.setdefault("initial_lr", group["lr"])  # what a scheduler needs to start at last_epoch=0
-    warmup, total = t.warmup_steps + 1, t.steps + 1
-    if t.lr_schedule == "constant":
-        return get_constant_schedule_with_warmup(opt, warmup, last_epoch=0)
-    make = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}[t.lr_schedule]
-    return make(opt, warmup, total, last_epoch=0)
-
-
-def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, t: TrainingSpec,
-                   kind: str | None = None) -> torch.optim.Optimizer:
-    """`training.optimizer` for the policy (side models pass kind="adamw"). Under precision
-    bf16 the parameters are bf16, and torch keeps the optimizer's state in their dtype."""
-    if (kind or t.optimizer) == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=t.sgd_momentum, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-# Above this many parameters a trial saves its weights only when the spec says so.
-SAVE_WEIGHTS_LIMIT = 1_000_000_000
-
-
-def weights_choice(t: TrainingSpec, n_params: int) -> str:
-    """training.save_weights, resolved: final by default for models under 1e9 parameters."""
-    if t.save_weights is not None:
-        return t.save_weights
-    if n_params >= SAVE_WEIGHTS_LIMIT:
-        raise ValueError(
-            f"training.save_weights: the model has {n_params:.3g} parameters; saving its final weights "
-            f"writes {2 * n_params / 1e9:.1f} GB to the artifact store per trial, so choose 'final' or 'none' explicitly"
-        )
-    return "final"
-
-
-def minibatch_rows(n_rows: int, n_minibatches: int, group: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """Shuffled row indices per minibatch; a prompt's group of samples stays together."""
-    n_groups = n_rows // group
-    if n_minibatches > n_groups:
-        raise ValueError(f"minibatches={n_minibatches} but the step has only {n_groups} groups of rows")
-    order = torch.randperm(n_groups, generator=gen)
-    return [(g[:, None] * group + torch.arange(group)).view(-1) for g in order.tensor_split(n_minibatches)]
-
-
-@dataclass
-class Optimized:
-    """One trained model's parameters with its optimizer, schedule and clipping."""
-
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LRScheduler
-    max_grad_norm: float | None
 
 
 class Learner:
@@ -230,7 +167,7 @@ class Learner:
         for a in aux.values():
             a.module.to(self.device)  # a side model's new layers (PPO's value head) start on the CPU
         self.aux_modules = {k: a.module for k, a in aux.items()}
-        self.models = Models(self.wrap(policy), reference and self.wrap_frozen(reference),
+        self.models = Models(self.wrap(policy), None if reference is None else self.wrap_frozen(reference),
                              {k: self.wrap(a.module) for k, a in aux.items()})
         # After wrapping: FSDP replaces the parameters with sharded ones (DTensors).
         self.named = list(policy.named_parameters())
@@ -286,13 +223,9 @@ class Learner:
         the other ranks, which wait for rank 0 to resync an actor). Sharded, a collective."""
         if not self.sharded:
             return self.named
-        served = []
-        for (name, p), (_, part) in zip(self.named, self.local, strict=True):
-            whole = self.ranks.full(p, part.detach().to(torch.bfloat16))
-            if self.leader:
-                served.append((name, whole.cpu()))
-        self.served = dict(served)
-        return served if self.leader else None
+        served = self.ranks.host_bf16(self.named, self.local)
+        self.served = dict(served or [])
+        return served
 
     def _state_parts(self) -> LearnerParts:
         aux = {f"aux.{k}": [(n, local(p)) for n, p in m.named_parameters()] for k, m in self.aux_modules.items()}
@@ -510,21 +443,7 @@ class Learner:
         each matrix and its θ0 are gathered whole in turn, on every rank (a collective)."""
         if not self.sharded:
             return final_update_rank(self.recorder.base_bf16, self.named) if self.leader else None
-        theta0: dict[str, torch.Tensor] = {}
-
-        def whole():
-            for (name, p), (_, part) in zip(self.named, self.local, strict=True):
-                if skip_reason(name, tuple(p.shape), DEFAULT_MAX_DIM):
-                    yield name, torch.empty(p.shape, device="meta")
-                    continue
-                theta0[name] = self.ranks.full(p, self.recorder.base_bf16(name))
-                yield name, self.ranks.full(p, part.detach())
-
-        if self.leader:
-            return final_update_rank(theta0.pop, whole())
-        for _ in whole():
-            pass
-        return None
+        return self.ranks.update_rank(self.named, self.local, self.recorder.base_bf16)
 
     def _final_figures(self, rank: RankResult) -> dict[str, float]:
         """Rank 0 at the end: the per-layer × matrix sparsity of every criterion, the curves

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from rlsparsity.analysis.rank import DEFAULT_MAX_DIM, RankResult, final_update_rank, skip_reason
 from rlsparsity.platform.weight_sync import SparsePatch, bf16_bits
 
 
@@ -175,13 +176,36 @@ class Ranks:
             out[slug] = whole
         return out if self.rank == 0 else None
 
-    def full_named(self, named: list[tuple[str, torch.Tensor]], view: Iterable[torch.Tensor],
-                   keep: Iterable[bool]) -> Iterator[tuple[str, torch.Tensor]]:
-        """For each parameter with keep true, the matching `view` tensor (local-shard shaped)
-        gathered whole: a collective per tensor, on every rank."""
-        for (name, p), part, wanted in zip(named, view, keep, strict=True):
-            if wanted:
-                yield name, self.full(p, part)
+    # ---------------------------------------------------------------------- whole tensors
+    def host_bf16(self, named: list[tuple[str, torch.Tensor]], named_local: list[tuple[str, torch.Tensor]],
+                  ) -> list[tuple[str, torch.Tensor]] | None:
+        """Rank 0: the whole bf16 view on the host, gathered a tensor at a time; others: None."""
+        out = []
+        for (name, p), (_, part) in zip(named, named_local, strict=True):
+            whole = self.full(p, part.detach().to(torch.bfloat16))
+            if self.rank == 0:
+                out.append((name, whole.cpu()))
+        return out if self.rank == 0 else None
+
+    def update_rank(self, named: list[tuple[str, torch.Tensor]], named_local: list[tuple[str, torch.Tensor]],
+                    base_bf16: Callable[[str], torch.Tensor]) -> RankResult | None:
+        """Rank 0: `final_update_rank` of the whole matrices, each gathered with its θ0 in
+        turn on every rank (`base_bf16(name)`: this rank's rows of θ0); others: None."""
+        theta0: dict[str, torch.Tensor] = {}
+
+        def whole() -> Iterator[tuple[str, torch.Tensor]]:
+            for (name, p), (_, part) in zip(named, named_local, strict=True):
+                if skip_reason(name, tuple(p.shape), DEFAULT_MAX_DIM):  # its shape is all the rule reads
+                    yield name, torch.empty(p.shape, device="meta")
+                    continue
+                theta0[name] = self.full(p, base_bf16(name))
+                yield name, self.full(p, part.detach())
+
+        if self.rank == 0:
+            return final_update_rank(theta0.pop, whole())
+        for _ in whole():
+            pass
+        return None
 
 
 def _assemble_patch(gathered: list[np.ndarray], names: list[str], layout: Layout) -> SparsePatch:

@@ -7,12 +7,15 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlsparsity.contracts.mlflow_layout import WEIGHTS_FORMAT, WEIGHTS_MANIFEST
+
+if TYPE_CHECKING:
+    from rlsparsity.platform.config import TrainingSpec
 
 
 def save_bf16_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> list[Path]:
@@ -55,3 +58,19 @@ def verify_weights_dir(path: Path) -> dict[str, Any]:
         if hashlib.sha256(f.read_bytes()).hexdigest() != entry["sha256"]:
             raise ValueError(f"{path}: {name} does not match its sha256 in {WEIGHTS_MANIFEST}")
     return manifest
+
+
+# Above this many parameters a trial saves its weights only when the spec says so.
+SAVE_WEIGHTS_LIMIT = 1_000_000_000
+
+
+def weights_choice(t: TrainingSpec, n_params: int) -> str:
+    """training.save_weights, resolved: final by default for models under 1e9 parameters."""
+    if t.save_weights is not None:
+        return t.save_weights
+    if n_params >= SAVE_WEIGHTS_LIMIT:
+        raise ValueError(
+            f"training.save_weights: the model has {n_params:.3g} parameters; saving its final weights "
+            f"writes {2 * n_params / 1e9:.1f} GB to the artifact store per trial, so choose 'final' or 'none' explicitly"
+        )
+    return "final"

@@ -122,3 +122,69 @@ def test_a_killed_learner_resumes_from_its_checkpoint_with_bit_identical_masks(
     for key in ("final/changed_bf16", "test_accuracy_after", "train_reward_last", "sync_bytes_total"):
         assert run.data.metrics[key] == whole_metrics[key], key
     assert whole_metrics["final/changed_bf16"] > 0
+
+
+@pytest.mark.slow
+def test_killed_fsdp_learners_resume_and_end_with_the_masks_of_ddp_learners(
+    embedded_model_dir: Path, ray_session, tmp_path: Path, monkeypatch
+) -> None:
+    """resources.learners=2 under ddp (gloo), uninterrupted, and under fsdp (FSDP2 on gloo,
+    every rank diffing, masking and checkpointing its own rows) with both learners SIGKILLed
+    after a registered checkpoint: Ray Train restarts them from their merged checkpoint files
+    and the trial ends with every mask series of the ddp trial, bit for bit. The two
+    strategies reduce 2 ranks' gradients alike (a sum of two, halved), so they train alike;
+    gradient clipping is off because its total norm is summed in another order (per shard,
+    then over the ranks), which moves the clip factor in its last bit (one bf16 entry of
+    50k differed after 8 steps with max_grad_norm 1.0)."""
+    steps, every = 8, 4
+    storage = tmp_path / "ray"
+    monkeypatch.setenv("RLSPARSITY_RAY_STORAGE", str(storage))
+    db = f"sqlite:///{tmp_path / 'fsdp.db'}"
+    client = MlflowClient(tracking_uri=db)
+    common = [*COMMON, f"training.steps={steps}", f"training.masks.every={every}", f"training.checkpoint_every={every}",
+              "resources.learners=2", "training.max_grad_norm=null", f"tracking.uri={db}"]
+    whole = rlsparsity.sweep("sweeps/quickstart.yaml", ["name=whole", "resources.strategy=ddp", *common])
+    assert whole.ok, whole.failed
+    whole_run = client.get_run(whole.trials[0]["mlflow_run_id"])
+    assert whole_run.info.status == "FINISHED" and whole_run.data.params["resources.learners"] == "2"
+    snapshots = set(storage.rglob("checkpoint_manager_snapshot.json"))
+
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill_both_after_a_checkpoint() -> None:
+        while not done.wait(0.1):
+            new = [d.parent for d in storage.rglob("checkpoint_manager_snapshot.json") if d not in snapshots]
+            if not any(0 < s < steps for d in new for s in _registered_steps(d)):
+                continue
+            if max(_loss_steps(client, "killed"), default=0) > every:
+                for proc in _train_workers():
+                    proc.kill()
+                    killed.append(proc.pid)
+                return
+
+    killer = threading.Thread(target=kill_both_after_a_checkpoint, daemon=True)
+    killer.start()
+    try:
+        result = rlsparsity.sweep("sweeps/quickstart.yaml", ["name=killed", "resources.strategy=fsdp", *common])
+    finally:
+        done.set()
+        killer.join()
+    assert len(killed) == 2, f"expected to kill both learner workers, killed {killed}"
+    assert result.ok, result.failed
+    run_id = result.trials[0]["mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["resources.strategy"] == "fsdp"
+    checkpoints = {p.parent for p in storage.rglob("weights.rank0-of-2.safetensors")}
+    files = {f"{kind}.rank{r}-of-2.safetensors" for kind in ("weights", "optimizer", "buffers", "rng") for r in (0, 1)}
+    assert checkpoints and all({p.name for p in c.iterdir()} == files | {"state.json"} for c in checkpoints)
+    assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] == [every]
+    assert set(_loss_steps(client, "killed")) == set(range(1, steps + 1))
+    for key in ("final/changed_bf16", "final/changed_frac_masters", "sync_bytes_total", "train_reward_last"):
+        assert run.data.metrics[key] == whole_run.data.metrics[key], key
+    want = _masks(Path(client.download_artifacts(whole_run.info.run_id, "masks", str(tmp_path / "whole"))))
+    got = _masks(Path(client.download_artifacts(run_id, "masks", str(tmp_path / "killed"))))
+    assert set(got) == set(want) and len(want) == 2 * 6  # step 4 and final, six series
+    for name in want:
+        for tensor in want[name]:
+            np.testing.assert_array_equal(got[name][tensor], want[name][tensor], err_msg=f"{name}: {tensor}")

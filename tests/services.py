@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -89,3 +92,27 @@ def own_ray_processes(title: str) -> list:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
+
+
+@contextlib.contextmanager
+def killing(title: str, when: Callable[[], bool], poll_s: float = 0.1) -> Iterator[list[int]]:
+    """While the block runs (a sweep), a thread polls `when()`; once it is true, every one of
+    this test's Ray processes titled `title` is SIGKILLed, once. Yields the killed pids."""
+    killed: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(poll_s):
+            if when():
+                for proc in own_ray_processes(title):
+                    proc.kill()
+                    killed.append(proc.pid)
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        watcher.join()

@@ -5,7 +5,6 @@ bit-identical to an uninterrupted run's: the same trial's learner run without Ra
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import psutil
 import pytest
 from artifacts import mask_files
 from mlflow.tracking import MlflowClient
-from services import own_ray_processes
+from services import killing, own_ray_processes
 
 import rlsparsity
 from rlsparsity.contracts.mask import read_mask
@@ -69,32 +68,21 @@ def test_a_killed_learner_resumes_from_its_checkpoint_with_bit_identical_masks(
                     rollout=lambda named: LocalRollout(engine, named), sink=sink)
     whole_metrics = run_learner(whole)
 
-    killed: list[tuple[int, int]] = []  # (pid, last logged step when killed)
-    done = threading.Event()
+    last_step: list[int] = []  # the last logged step when the learner was killed
 
-    def kill_after_the_first_checkpoint() -> None:
+    def past_the_first_checkpoint() -> bool:
         # Once Ray Train's controller has registered a learner checkpoint (a checkpoint that
         # is uploaded but not yet registered is not one to restart from) and the learner has
         # trained past it.
-        while not done.wait(0.1):
-            if not any(_registered_steps(d) for d in storage.glob("*-grpo-add-s0-*")):
-                continue
-            steps = _loss_steps(client, "killed")
-            if steps and max(steps) > EVERY:
-                for proc in _train_workers():
-                    proc.kill()
-                    killed.append((proc.pid, max(steps)))
-                return
+        if not any(_registered_steps(d) for d in storage.glob("*-grpo-add-s0-*")):
+            return False
+        last_step.append(max(_loss_steps(client, "killed"), default=0))
+        return last_step[-1] > EVERY
 
-    killer = threading.Thread(target=kill_after_the_first_checkpoint, daemon=True)
-    killer.start()
-    try:
+    with killing("ray::RayTrainWorker", past_the_first_checkpoint) as killed:
         result = rlsparsity.sweep("sweeps/quickstart.yaml", ["name=killed", f"tracking.uri={db}", *COMMON])
-    finally:
-        done.set()
-        killer.join()
     assert len(killed) == 1, f"expected to kill one learner worker mid-trial, killed {killed}"
-    (pid, at_step), = killed
+    (pid,), at_step = killed, last_step[-1]
     assert at_step < STEPS, f"the learner was killed after its last step ({at_step})"
     assert result.ok, result.failed
     assert not any(p.pid == pid for p in _train_workers())
@@ -149,27 +137,14 @@ def test_killed_fsdp_learners_resume_and_end_with_the_masks_of_ddp_learners(
     assert whole_run.info.status == "FINISHED" and whole_run.data.params["resources.learners"] == "2"
     snapshots = set(storage.rglob("checkpoint_manager_snapshot.json"))
 
-    killed: list[int] = []
-    done = threading.Event()
+    def past_a_checkpoint() -> bool:
+        new = [d.parent for d in storage.rglob("checkpoint_manager_snapshot.json") if d not in snapshots]
+        if not any(0 < s < steps for d in new for s in _registered_steps(d)):
+            return False
+        return max(_loss_steps(client, "killed"), default=0) > every
 
-    def kill_both_after_a_checkpoint() -> None:
-        while not done.wait(0.1):
-            new = [d.parent for d in storage.rglob("checkpoint_manager_snapshot.json") if d not in snapshots]
-            if not any(0 < s < steps for d in new for s in _registered_steps(d)):
-                continue
-            if max(_loss_steps(client, "killed"), default=0) > every:
-                for proc in _train_workers():
-                    proc.kill()
-                    killed.append(proc.pid)
-                return
-
-    killer = threading.Thread(target=kill_both_after_a_checkpoint, daemon=True)
-    killer.start()
-    try:
+    with killing("ray::RayTrainWorker", past_a_checkpoint) as killed:
         result = rlsparsity.sweep("sweeps/quickstart.yaml", ["name=killed", "resources.strategy=fsdp", *common])
-    finally:
-        done.set()
-        killer.join()
     assert len(killed) == 2, f"expected to kill both learner workers, killed {killed}"
     assert result.ok, result.failed
     run_id = result.trials[0]["mlflow_run_id"]

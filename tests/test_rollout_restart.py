@@ -77,40 +77,26 @@ def test_killed_actor_is_restarted_and_resynced(embedded_model_dir: Path, ray_se
 def test_trial_goes_on_after_its_rollout_actor_is_killed(embedded_model_dir: Path, ray_session, tmp_path: Path, monkeypatch) -> None:
     """Mid-trial, the rollout actor's process is killed for real (SIGKILL, found by its Ray
     process title); Ray restarts it, the learner resyncs it in full, the trial finishes."""
-    import threading
-
     from mlflow.tracking import MlflowClient
-    from services import own_ray_processes
+    from services import killing
 
     import rlsparsity
 
     monkeypatch.setenv("RLSPARSITY_RAY_STORAGE", str(tmp_path / "ray"))
     db = f"sqlite:///{tmp_path / 'restart.db'}"
     client = MlflowClient(tracking_uri=db)
-    killed: list[int] = []
-    done = threading.Event()
 
-    def kill_after_some_steps() -> None:
-        while not done.wait(0.2):
-            exp = client.get_experiment_by_name("restart")
-            runs = client.search_runs([exp.experiment_id], "tags.`rlsparsity.kind` = 'trial'") if exp else []
-            if runs and len(client.get_metric_history(runs[0].info.run_id, "sync_bytes")) >= 5:
-                for proc in own_ray_processes("ray::RolloutActor"):
-                    proc.kill()
-                    killed.append(proc.pid)
-                return
+    def after_some_steps() -> bool:
+        exp = client.get_experiment_by_name("restart")
+        runs = client.search_runs([exp.experiment_id], "tags.`rlsparsity.kind` = 'trial'") if exp else []
+        return bool(runs) and len(client.get_metric_history(runs[0].info.run_id, "sync_bytes")) >= 5
 
-    killer = threading.Thread(target=kill_after_some_steps, daemon=True)
-    killer.start()
-    try:
+    with killing("ray::RolloutActor", after_some_steps, poll_s=0.2) as killed:
         result = rlsparsity.sweep("sweeps/quickstart.yaml", [
             "name=restart", "seed=0", "dataset=add", "algorithm=grpo", "training.steps=60",
             "training.prompts_per_step=4", "training.masks.every=60", "training.eval_problems=16",
             "analysis=false", f"tracking.uri={db}",
         ])
-    finally:
-        done.set()
-        killer.join()
     assert len(killed) == 1, f"expected to kill one rollout actor mid-trial, killed {killed}"
     assert result.ok, result.failed
     run = client.get_run(result.trials[0]["mlflow_run_id"])

@@ -13,7 +13,8 @@ from paper_reference import script_changed
 from safetensors.torch import save_file
 
 from rlsparsity.analysis import checkpoints as ckpts
-from rlsparsity.analysis.checkpoints import CheckpointError, content_hash, open_checkpoint
+from rlsparsity.analysis.checkpoint_hash import content_hash
+from rlsparsity.analysis.checkpoints import CheckpointError, open_checkpoint
 from rlsparsity.analysis.criteria import parse_criteria
 from rlsparsity.analysis.diff import DiffError, diff, layer_group, natural_key
 from rlsparsity.analysis.diff import cli as diff_cli

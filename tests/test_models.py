@@ -249,7 +249,8 @@ def test_resolve_unknown_embedded_name() -> None:
 
 
 def test_model_content_hash_matches_diff_and_tracks_the_bytes(tmp_path: Path) -> None:
-    from rlsparsity.analysis.checkpoints import CheckpointError, content_hash, open_checkpoint
+    from rlsparsity.analysis.checkpoint_hash import content_hash
+    from rlsparsity.analysis.checkpoints import CheckpointError, open_checkpoint
 
     model = LlamaForCausalLM(models.llama_config(get_recipe("tiny-arith"), build_tokenizer()))
     model.save_pretrained(tmp_path)

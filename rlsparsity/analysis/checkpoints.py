@@ -26,13 +26,11 @@ their chunks independently.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import struct
 import threading
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +47,6 @@ CHUNK_ELEMS = 1 << 20
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-HASH_CHUNK_ELEMS = CHUNK_ELEMS
 
 # safetensors dtype codes -> dtype names (torch's spelling). Other codes (e.g. packed F4)
 # are listed but rejected, with a clear message, when such a tensor is compared.
@@ -476,46 +473,3 @@ class Reader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# ----------------------------------------------------------------------------- hash
-
-
-def chunk_digest(raw: bytes | memoryview | np.ndarray) -> bytes:
-    """Digest of one hash chunk (``HASH_CHUNK_ELEMS`` elements of raw bytes)."""
-    return hashlib.sha256(raw).digest()
-
-
-def tensor_digest(chunk_digests: list[bytes]) -> str:
-    return hashlib.sha256(b"".join(chunk_digests)).hexdigest()
-
-
-def combine_tensor_digests(entries: dict[str, tuple[str, tuple[int, ...], str]]) -> str:
-    """Checkpoint hash from ``name -> (dtype, shape, tensor digest)``."""
-    h = hashlib.sha256()
-    for name in sorted(entries):
-        dtype, shape, digest = entries[name]
-        h.update(json.dumps([name, dtype, list(shape), digest]).encode() + b"\n")
-    return "sha256:" + h.hexdigest()
-
-
-def iter_chunk_ranges(numel: int, chunk: int = HASH_CHUNK_ELEMS) -> Iterator[tuple[int, int]]:
-    for s in range(0, numel, chunk):
-        yield s, min(chunk, numel - s)
-
-
-def content_hash(ck: Checkpoint, reader: Reader | None = None) -> str:
-    """Sequential reference implementation of the checkpoint content hash."""
-    own = reader is None
-    reader = reader or Reader()
-    try:
-        entries = {}
-        for name, info in ck.tensors.items():
-            digests = []
-            for s, c in iter_chunk_ranges(info.numel):
-                digests.append(chunk_digest(reader.read_bytes(info, s, c)))
-            entries[name] = (info.dtype, info.shape, tensor_digest(digests))
-        return combine_tensor_digests(entries)
-    finally:
-        if own:
-            reader.close()

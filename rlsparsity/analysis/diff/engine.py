@@ -15,17 +15,19 @@ from typing import Any
 
 import numpy as np
 
+from rlsparsity.analysis.checkpoint_hash import (
+    HASH_CHUNK_ELEMS,
+    chunk_digest,
+    combine_tensor_digests,
+    tensor_digest,
+)
 from rlsparsity.analysis.checkpoints import (
     CHUNK_ELEMS,
     DTYPES,
-    HASH_CHUNK_ELEMS,
     Checkpoint,
     Reader,
     TensorInfo,
-    chunk_digest,
-    combine_tensor_digests,
     open_checkpoint,
-    tensor_digest,
 )
 from rlsparsity.analysis.criteria import (
     DEFAULT_CRITERIA,

@@ -34,6 +34,7 @@ def model_content_hash(path: str | Path) -> str:
     Computed over each tensor's name, dtype, shape and bytes, so it does not depend on
     sharding; masks from training and from `diff` against the same θ0 share it.
     """
-    from rlsparsity.analysis.checkpoints import content_hash, open_checkpoint
+    from rlsparsity.analysis.checkpoint_hash import content_hash
+    from rlsparsity.analysis.checkpoints import open_checkpoint
 
     return content_hash(open_checkpoint(path, label="base model"))

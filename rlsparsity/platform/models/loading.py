@@ -38,3 +38,11 @@ def model_content_hash(path: str | Path) -> str:
     from rlsparsity.analysis.checkpoints import open_checkpoint
 
     return content_hash(open_checkpoint(path, label="base model"))
+
+
+def tied_groups(model: torch.nn.Module) -> list[list[str]]:
+    """State-dict keys that share storage (e.g. lm_head tied to the embeddings); counted once."""
+    by_ptr: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        by_ptr.setdefault(t.data_ptr(), []).append(name)
+    return [names for names in by_ptr.values() if len(names) > 1]

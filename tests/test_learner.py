@@ -107,3 +107,27 @@ def test_gradient_checkpointing_trains_the_same_weights(embedded_model_dir, tmp_
     assert any(not torch.equal(weights[True][n], p.detach()) for n, p in load_model(embedded_model_dir).named_parameters())
     masks = [read_mask(tmp_path / str(on) / "masks" / "final.arrow").meta["checksum"] for on in (False, True)]
     assert masks[0] == masks[1]
+
+
+def test_micro_batches_train_the_whole_batch_step(embedded_model_dir, tmp_path):
+    """training.micro_batch_size runs each step's 16 sequences in blocks of 6, 5 and 5 and
+    accumulates their gradients: the same step up to float32 summation order (the exact
+    gradient identity, per algorithm, is in test_micro_batches.py)."""
+    runs = {}
+    for micro in (None, 6):
+        spec = _spec("grpo", steps=2)
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"micro_batch_size": micro})})
+        engine = HFEngine(embedded_model_dir, threads=1)
+        sink = LocalSink(tmp_path / str(micro))
+        learner = Learner(spec, embedded_model_dir, base={"id": "embedded", "hash": "h"},
+                          rollout=lambda named, engine=engine: LocalRollout(engine, named), sink=sink)
+        summary = run_learner(learner)
+        runs[micro] = summary, {n: p.detach().clone() for n, p in learner.policy.named_parameters()}, sink.metrics
+    (whole, w_whole, m_whole), (micro, w_micro, m_micro) = runs[None], runs[6]
+    theta0 = dict(load_model(embedded_model_dir).named_parameters())
+    moved = max((w_whole[n] - theta0[n].detach()).abs().max().item() for n in w_whole)
+    apart = max((w_micro[n] - w_whole[n]).abs().max().item() for n in w_whole)
+    print(f"largest update {moved:.3g}, largest micro-vs-whole difference {apart:.3g}")
+    assert moved > 1e-4 and apart < 1e-3 * moved
+    assert m_micro[1][1]["loss"] == pytest.approx(m_whole[1][1]["loss"], rel=1e-5)
+    assert micro["final/changed_bf16"] == pytest.approx(whole["final/changed_bf16"], rel=1e-3)

@@ -296,7 +296,7 @@ def test_raft_trains_only_on_correct_samples():
     loss, m = get_algorithm("raft").loss(Models(model), sb, RAFTConfig(reward_threshold=1.0), TrainingSpec())
     lp = model.logp()
     assert loss.item() == pytest.approx(-(lp[2] + lp[3] + lp[1] + lp[1]).item() / 4, rel=1e-6)
-    assert m["kept"] == 2
+    assert m["kept_frac"] == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("name", ["raft", "raftpp"])
@@ -305,7 +305,7 @@ def test_raft_with_nothing_correct_is_a_connected_zero(name):
     sb = StepBatch(build_batch([[0], [0]], [[2], [3]], pad_id=0), rewards=torch.tensor([0.0, 0.0]), group_size=2)
     cfg = RAFTPlusPlusConfig() if name == "raftpp" else RAFTConfig()
     loss, m = get_algorithm(name).loss(Models(model), sb, cfg, TrainingSpec())
-    assert loss.item() == 0.0 and m["kept"] == 0
+    assert loss.item() == 0.0 and m["kept_frac"] == 0
     loss.backward()
     assert model.w.grad is not None and (model.w.grad == 0).all()
 

@@ -62,9 +62,12 @@ def test_gpu_preset_dry_run(preset: str, tmp_path: Path, monkeypatch) -> None:
     assert trial.model.startswith("Qwen/Qwen2.5-") and trial.model.endswith("B-Instruct")
     assert trial.rollout.backend == "vllm" and trial.rollout.gpus == 1 and trial.resources.gpus_per_learner == 1
     assert trial.training.precision == "amp"
+    # A step's sequences on a learner: a micro-batch at a time (the estimates in the headers).
+    micro = {"0.5B": 8, "1.5B": 4, "7B": 4}[trial.model.split("-")[1]]
+    assert trial.training.micro_batch_size == micro and f"micro-batches of {micro})" in run.stderr
     if trial.model.endswith("7B-Instruct"):  # FSDP over 8 learner GPUs, and the vLLM engine's
         assert trial.resources.strategy == "fsdp" and trial.training.gradient_checkpointing
-        assert trial.gpus() == 9 and "per trial 36 CPU, 9 GPU" in run.stderr and "precision amp, fsdp)" in run.stderr
+        assert trial.gpus() == 9 and "per trial 36 CPU, 9 GPU" in run.stderr and "precision amp, fsdp, micro-batches of 4)" in run.stderr
     else:
         assert trial.resources.strategy == "ddp" and trial.gpus() == 2 and "per trial 8 CPU, 2 GPU" in run.stderr
     # The dataset presets set each dataset's reward and chat prompts.

@@ -40,7 +40,9 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: 
 def token_logprobs(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
     """log π(x_{t+1} | x_{≤t}) for every position, shape (B, T-1)."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    # bf16 logits are upcast for the softmax; float64 ones (precision tests) stay float64.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

@@ -187,6 +187,12 @@ class TrainingSpec(Strict):
         "view; amp: the same masters with bf16 autocast for forward and backward (what RL frameworks run on GPUs; "
         "slow on a CPU); bf16: weights, gradients and optimizer state held in bfloat16, as a pure-bf16 trainer"
     )
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="rows (sequences, or preference pairs) per forward and backward on each learner: "
+        "a larger minibatch runs in micro-batches whose gradients accumulate, each loss weighted by its share "
+        "of the minibatch (what the algorithm's loss averages over), so the step is the same up to float "
+        "summation order. null: the whole minibatch at once"
+    )
     gradient_checkpointing: bool = Field(
         False, description="recompute each transformer block's activations in the backward (transformers' "
         "gradient checkpointing): far less activation memory for about a third more compute, the same "

@@ -44,7 +44,7 @@ from rlsparsity.contracts.mlflow_layout import (
     mask_file_name,
 )
 from rlsparsity.platform.algorithms import Models, get_algorithm
-from rlsparsity.platform.batches import token_logprobs
+from rlsparsity.platform.algorithms.common import forward_chunks, logprobs_no_grad
 from rlsparsity.platform.engines import Rollout
 from rlsparsity.platform.evaluation import (
     first_last,
@@ -54,6 +54,7 @@ from rlsparsity.platform.evaluation import (
 )
 from rlsparsity.platform.learner_state import LearnerParts, load_state, save_state
 from rlsparsity.platform.mask_recorder import MaskRecorder, Recorded
+from rlsparsity.platform.micro_batches import accumulate_gradients
 from rlsparsity.platform.models import load_model, load_tokenizer, tied_groups
 from rlsparsity.platform.models.saving import save_bf16_model, weights_choice, write_manifest
 from rlsparsity.platform.optimization import Optimized, lr_schedule, make_optimizer, minibatch_rows
@@ -209,9 +210,8 @@ class Learner:
                 self._log({f"{k}_before": v for k, v in self.before.items()}, step=0)
 
     def _served(self) -> list[tuple[str, torch.Tensor]] | None:
-        """The weights a restarted rollout actor is resynced from: the policy's parameters,
-        or sharded, on rank 0 a host copy of the bf16 view that every sync patches (None on
-        the other ranks, which wait for rank 0 to resync an actor). Sharded, a collective."""
+        """The weights a restarted rollout actor is resynced from: the policy's parameters, or
+        sharded (a collective), rank 0's host copy of the bf16 view that every sync patches."""
         if not self.sharded:
             return self.named
         served = self.ranks.host_bf16(self.named, self.local)
@@ -262,7 +262,7 @@ class Learner:
         acfg, updates = self.acfg, self.acfg.epochs * self.acfg.minibatches
         with torch.no_grad(), self._autocast():
             if updates > 1 and batch.tokens is not None:  # the behaviour policy of later passes
-                batch.old_logps = token_logprobs(self.policy, batch.tokens)
+                batch.old_logps = logprobs_no_grad(self.policy, batch.tokens, forward_chunks(len(batch), acfg, self.spec.training))
             if self.algo.prepare:
                 batch = self.algo.prepare(self.models, batch, acfg, self.spec.training)
         zero_weight = metrics.get("pairs", 1) == 0  # a stand-in batch that must change nothing
@@ -271,9 +271,10 @@ class Learner:
         before = {n: p.detach().clone() for n, p in self.local} if records and self.spec.training.masks.drift else None
         for _ in range(acfg.epochs):
             for rows in minibatch_rows(len(batch), acfg.minibatches, batch.group_size, self.shuffle):
-                with self._autocast():
-                    loss, loss_metrics = self.algo.loss(self.models, batch.select(rows) if updates > 1 else batch, acfg, self.spec.training)
-                metrics.update(self._update(loss * 0 if zero_weight else loss))
+                minibatch = batch.select(rows) if updates > 1 else batch
+                loss, loss_metrics = accumulate_gradients(self.algo, self.models, minibatch, acfg, self.spec.training,
+                                                          scale=0.0 if zero_weight else 1.0, autocast=self._autocast)
+                metrics.update(self._update())
         for o in self.optimized:
             o.schedule.step()
         metrics.update(loss=loss.item(), lr=self.optimized[0].schedule.get_last_lr()[0], **loss_metrics)
@@ -298,10 +299,8 @@ class Learner:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _update(self, loss: torch.Tensor) -> dict[str, float]:
-        for o in self.optimized:
-            o.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    def _update(self) -> dict[str, float]:
+        """Clip and step every optimizer on the accumulated gradients, then clear them."""
         if self.subnet is not None:
             self.subnet.mask_grads()
         norms = {}
@@ -312,6 +311,7 @@ class Learner:
             if i == 0 and self.subnet is not None:
                 self.subnet.decay(o.optimizer.param_groups[0]["lr"], self.spec.training.weight_decay)
             o.optimizer.step()
+            o.optimizer.zero_grad(set_to_none=True)
         return norms
 
     def _sync(self, step: int) -> dict[str, float]:

@@ -165,8 +165,9 @@ class TrialSpec(Strict):
 
         engine = ro.backend + (f", tensor parallel {ro.vllm.tensor_parallel_size}, {ro.vllm.dtype}, "
                                f"gpu_memory_utilization {ro.vllm.gpu_memory_utilization:g}" if ro.backend == "vllm" else "")
-        return (f"{r.learners} learner(s) x ({each(r.cpus_per_learner, r.gpus_per_learner)}, precision "
-                f"{self.training.precision}, {r.strategy}); {ro.replicas} rollout replica(s) x ({each(ro.cpus, ro.gpus)}; {engine}); "
+        micro = self.training.micro_batch_size
+        learner = f"precision {self.training.precision}, {r.strategy}" + (f", micro-batches of {micro}" if micro else "")
+        return (f"{r.learners} learner(s) x ({each(r.cpus_per_learner, r.gpus_per_learner)}, {learner}); {ro.replicas} rollout replica(s) x ({each(ro.cpus, ro.gpus)}; {engine}); "
                 f"per trial {self.cpus():g} CPU, {self.gpus():g} GPU")
 
 

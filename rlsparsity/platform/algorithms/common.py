@@ -65,16 +65,35 @@ def all_ranks_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def whole_share(part: torch.Tensor | float, whole: torch.Tensor | float) -> float:
+    """A micro-batch's share of its minibatch in some count (exactly 1.0 for an unsplit
+    batch): a loss with mean_over="whole" multiplies each of its means by its count's share."""
+    whole = float(whole)
+    return float(part) / whole if whole > 0 else 0.0
+
+
+def forward_chunks(rows: int, cfg: AlgorithmConfig, train: TrainingSpec) -> int:
+    """How many row blocks a no-grad forward over `rows` rows runs in: one per minibatch, and
+    no block larger than `training.micro_batch_size`."""
+    micro = train.micro_batch_size
+    return max(cfg.minibatches, 1 if micro is None else -(-rows // micro))
+
+
 def select_rows(tokens: TokenBatch, rows: torch.Tensor) -> TokenBatch:
     return TokenBatch(tokens.input_ids[rows], tokens.attention_mask[rows], tokens.completion_mask[rows])
 
 
 @torch.no_grad()
-def logprobs_no_grad(model: torch.nn.Module, tokens: TokenBatch, chunks: int = 1) -> torch.Tensor:
-    """`token_logprobs` without a graph, in `chunks` row blocks: `prepare` sees the whole step's
-    batch, whose (B, T, vocab) logits can be far larger than one minibatch's."""
+def in_chunks(forward: Callable[[TokenBatch], torch.Tensor], tokens: TokenBatch, chunks: int = 1) -> torch.Tensor:
+    """A per-row `forward` without a graph, in `chunks` row blocks: `prepare` sees the whole
+    step's batch, whose (B, T, vocab) logits can be far larger than one minibatch's."""
     blocks = torch.arange(len(tokens.input_ids)).tensor_split(max(1, chunks))
-    return torch.cat([token_logprobs(model, select_rows(tokens, r)) for r in blocks if len(r)])
+    return torch.cat([forward(select_rows(tokens, r)) for r in blocks if len(r)])
+
+
+def logprobs_no_grad(model: torch.nn.Module, tokens: TokenBatch, chunks: int = 1) -> torch.Tensor:
+    """`token_logprobs` without a graph, in `chunks` row blocks."""
+    return in_chunks(lambda t: token_logprobs(model, t), tokens, chunks)
 
 
 def with_extras(batch: StepBatch, old_logps: torch.Tensor | None = None, **extras: torch.Tensor) -> StepBatch:
@@ -94,17 +113,17 @@ def prepared(prepare: Callable, models: Models, batch: StepBatch, cfg, train: Tr
         return prepare(models, batch, cfg, train)
 
 
-def behaviour_logps(models: Models, batch: StepBatch, cfg: AlgorithmConfig) -> torch.Tensor:
+def behaviour_logps(models: Models, batch: StepBatch, cfg: AlgorithmConfig, train: TrainingSpec) -> torch.Tensor:
     """log π_old: the learner's (set when a step has several update passes) or computed now."""
     if batch.old_logps is not None:
         return batch.old_logps
-    return logprobs_no_grad(models.policy, batch.tokens, cfg.minibatches)
+    return logprobs_no_grad(models.policy, batch.tokens, forward_chunks(len(batch), cfg, train))
 
 
-def reference_logps(models: Models, batch: StepBatch, cfg: AlgorithmConfig) -> torch.Tensor:
+def reference_logps(models: Models, batch: StepBatch, cfg: AlgorithmConfig, train: TrainingSpec) -> torch.Tensor:
     if models.reference is None:
         raise ValueError("this algorithm needs the frozen reference model, but the learner built none")
-    return logprobs_no_grad(models.reference, batch.tokens, cfg.minibatches)
+    return logprobs_no_grad(models.reference, batch.tokens, forward_chunks(len(batch), cfg, train))
 
 
 def clipped_surrogate(

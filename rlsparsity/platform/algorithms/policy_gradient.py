@@ -94,6 +94,15 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: LossType, 
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
+def grpo_mean_over(batch: StepBatch, cfg: GRPOConfig) -> torch.Tensor:
+    """What `aggregate` averages over, as a micro-batch's size: rows for grpo and dr_grpo,
+    completion tokens for bnpo, and for dapo every rank's completion tokens."""
+    if cfg.loss_type in ("grpo", "dr_grpo"):
+        return torch.tensor(float(len(batch)))
+    tokens = batch.tokens.completion_mask.sum()
+    return all_ranks_sum(tokens) if cfg.loss_type == "dapo" else tokens
+
+
 class GRPOConfig(AlgorithmConfig):
     """TRL 1.16 GRPOConfig's loss knobs (same names and defaults; beta is `training.kl_coef`)."""
 
@@ -118,11 +127,12 @@ def grpo_prepare(models: Models, batch: StepBatch, cfg: GRPOConfig, train: Train
     # later passes must see the same values.
     extras = {"advantages": group_advantages(batch.rewards, batch.group_size, cfg.scale_rewards)}
     if train.kl_coef > 0:
-        extras["ref_logps"] = reference_logps(models, batch, cfg)
+        extras["ref_logps"] = reference_logps(models, batch, cfg, train)
     return with_extras(batch, **extras)
 
 
-@register_algorithm("grpo", source="rollouts", config=GRPOConfig, prepare=grpo_prepare, kl_penalty=True)
+@register_algorithm("grpo", source="rollouts", config=GRPOConfig, prepare=grpo_prepare, kl_penalty=True,
+                    mean_over=grpo_mean_over)
 def grpo_loss(models: Models, batch: StepBatch, cfg: GRPOConfig, train: TrainingSpec) -> tuple[torch.Tensor, Metrics]:
     batch = prepared(grpo_prepare, models, batch, cfg, train)
     mask = batch.tokens.completion_mask
@@ -168,12 +178,12 @@ class RLOOConfig(AlgorithmConfig):
 
 def rloo_prepare(models: Models, batch: StepBatch, cfg: RLOOConfig, train: TrainingSpec) -> StepBatch:
     mask = batch.tokens.completion_mask
-    old = behaviour_logps(models, batch, cfg)
+    old = behaviour_logps(models, batch, cfg, train)
     rewards, extras = batch.rewards, {}
     if train.kl_coef > 0:
         # TRL's RLOO puts the KL in the reward, summed over the sequence and measured on the
         # behaviour policy's log-probs (a constant, like the reward), as the RLOO paper does.
-        seq_kl = (kl_estimate(old, reference_logps(models, batch, cfg), train.kl_estimator) * mask).sum(1)
+        seq_kl = (kl_estimate(old, reference_logps(models, batch, cfg, train), train.kl_estimator) * mask).sum(1)
         rewards = rewards - train.kl_coef * seq_kl
         extras["seq_kl"] = seq_kl
     adv = rloo_advantages(rewards, batch.group_size)

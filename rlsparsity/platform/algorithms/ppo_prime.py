@@ -24,12 +24,15 @@ from rlsparsity.platform.algorithms.common import (
     Section,
     behaviour_logps,
     clipped_surrogate,
+    forward_chunks,
+    in_chunks,
     kl_estimate,
     last_token_mask,
     logprobs_no_grad,
     masked_whiten,
     prepared,
     reference_logps,
+    whole_share,
     with_extras,
 )
 from rlsparsity.platform.algorithms.registry import (
@@ -129,10 +132,11 @@ def ppo_prepare(models: Models, batch: StepBatch, cfg: PPOConfig, train: Trainin
     mask = batch.tokens.completion_mask
     old, kl = batch.old_logps, None
     if train.kl_coef > 0:
-        old = behaviour_logps(models, batch, cfg)
-        kl = kl_estimate(old, reference_logps(models, batch, cfg), train.kl_estimator)
+        old = behaviour_logps(models, batch, cfg, train)
+        kl = kl_estimate(old, reference_logps(models, batch, cfg, train), train.kl_estimator)
     rewards = token_rewards(batch.rewards, mask, kl, train.kl_coef)
-    values = critic_values(models.aux["critic"], batch.tokens) * mask
+    chunks = forward_chunks(len(batch), cfg, train)
+    values = in_chunks(lambda t: critic_values(models.aux["critic"], t), batch.tokens, chunks) * mask
     adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         adv = masked_whiten(adv, mask)
@@ -150,7 +154,9 @@ def _policy_surrogate(models: Models, batch: StepBatch, epsilon: float) -> tuple
     return logp, per_token, clipped
 
 
-@register_algorithm("ppo", source="rollouts", config=PPOConfig, aux=ppo_aux, prepare=ppo_prepare, kl_penalty=True)
+# Both terms are means over the same completion tokens.
+@register_algorithm("ppo", source="rollouts", config=PPOConfig, aux=ppo_aux, prepare=ppo_prepare, kl_penalty=True,
+                    mean_over="completion_tokens")
 def ppo_loss(models: Models, batch: StepBatch, cfg: PPOConfig, train: TrainingSpec) -> tuple[torch.Tensor, Metrics]:
     batch = prepared(ppo_prepare, models, batch, cfg, train)
     mask, ex = batch.tokens.completion_mask, batch.extras
@@ -221,9 +227,9 @@ def leave_one_out_token_advantages(token_r: torch.Tensor, mask: torch.Tensor, gr
 
 def prime_prepare(models: Models, batch: StepBatch, cfg: PRIMEConfig, train: TrainingSpec) -> StepBatch:
     mask = batch.tokens.completion_mask
-    ref = reference_logps(models, batch, cfg)
+    ref = reference_logps(models, batch, cfg, train)
     # Dense rewards from the PRM as it is before this step's update (PRIME's single-forward variant).
-    process = implicit_rewards(logprobs_no_grad(models.aux["prm"], batch.tokens, cfg.minibatches), ref, mask, cfg.prm.beta)
+    process = implicit_rewards(logprobs_no_grad(models.aux["prm"], batch.tokens, forward_chunks(len(batch), cfg, train)), ref, mask, cfg.prm.beta)
     last = last_token_mask(mask)
     outcome = batch.rewards[:, None] * last
     adv_tokens = cfg.process_coef * leave_one_out_token_advantages(process, mask, batch.group_size)
@@ -234,7 +240,9 @@ def prime_prepare(models: Models, batch: StepBatch, cfg: PRIMEConfig, train: Tra
     return with_extras(batch, advantages=adv, returns=returns, token_rewards=process, ref_logps=ref)
 
 
-@register_algorithm("prime", source="rollouts", config=PRIMEConfig, uses_reference=True, aux=prime_aux, prepare=prime_prepare, kl_penalty=True)
+# A token mean (the policy's) plus a row mean (the PRM's): each is scaled to the minibatch.
+@register_algorithm("prime", source="rollouts", config=PRIMEConfig, uses_reference=True, aux=prime_aux,
+                    prepare=prime_prepare, kl_penalty=True, mean_over="whole")
 def prime_loss(models: Models, batch: StepBatch, cfg: PRIMEConfig, train: TrainingSpec) -> tuple[torch.Tensor, Metrics]:
     batch = prepared(prime_prepare, models, batch, cfg, train)
     mask, ex = batch.tokens.completion_mask, batch.extras
@@ -251,7 +259,9 @@ def prime_loss(models: Models, batch: StepBatch, cfg: PRIMEConfig, train: Traini
     score = cfg.prm.beta * ((prm_logp - ex["ref_logps"]) * mask).sum(1)
     labels = (batch.rewards >= cfg.correct_threshold).float()
     prm_loss = F.binary_cross_entropy_with_logits(score, labels)
-    loss = pg_loss + cfg.prm.loss_coef * prm_loss
+    whole = batch.whole or batch
+    tokens_share = whole_share(mask.sum(), whole.tokens.completion_mask.sum())
+    loss = pg_loss * tokens_share + cfg.prm.loss_coef * prm_loss * whole_share(len(batch), len(whole))
     metrics.update(
         pg_loss=pg_loss.item(),
         prm_loss=prm_loss.item(),

@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from rlsparsity.platform.algorithms.common import reference_logprobs
+from rlsparsity.platform.algorithms.common import (
+    forward_chunks,
+    in_chunks,
+    reference_logprobs,
+    whole_share,
+    with_extras,
+)
 from rlsparsity.platform.algorithms.registry import (
     AlgorithmConfig,
     Models,
@@ -169,14 +175,25 @@ def mismatched_completions(tokens: TokenBatch) -> TokenBatch:
     return TokenBatch(kl.input_ids.to(dev), kl.attention_mask.to(dev), kl.completion_mask.to(dev))
 
 
-@register_algorithm("kto", source="pairs", config=KTOConfig, uses_reference=True)
+def kto_prepare(models: Models, batch: StepBatch, cfg: KTOConfig, train: TrainingSpec) -> StepBatch:
+    """z0 once per step, over the step's whole batch: micro-batches and minibatches share it."""
+    tokens = stack_tokens(batch.pairs.chosen, batch.pairs.rejected)
+    mismatched = mismatched_completions(tokens)
+    kl = kto_kl(in_chunks(lambda t: sequence_logratios(models, t), mismatched, forward_chunks(len(batch), cfg, train)))
+    return with_extras(batch, kto_kl=kl.expand(len(batch)))
+
+
+@register_algorithm("kto", source="pairs", config=KTOConfig, uses_reference=True, prepare=kto_prepare)
 def kto(models: Models, batch: StepBatch, cfg: KTOConfig, train: TrainingSpec) -> tuple[torch.Tensor, Metrics]:
     # KTO is unpaired: every chosen row is a desirable example, every rejected row an
     # undesirable one (TRL's `unpair_preference_dataset` gives the same layout).
     tokens = stack_tokens(batch.pairs.chosen, batch.pairs.rejected)
     logratios = sequence_logratios(models, tokens)
-    with torch.no_grad():  # z0 is a baseline, not a training signal
-        kl = kto_kl(sequence_logratios(models, mismatched_completions(tokens)))
+    if "kto_kl" in batch.extras:
+        kl = batch.extras["kto_kl"][0]
+    else:
+        with torch.no_grad():  # z0 is a baseline, not a training signal
+            kl = kto_kl(sequence_logratios(models, mismatched_completions(tokens)))
     chosen, rejected = logratios.chunk(2)
     loss = kto_loss(chosen, rejected, kl, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight).mean()
     return loss, {**_pair_stats(cfg.beta * chosen, cfg.beta * rejected), "kl": kl.item()}
@@ -210,7 +227,13 @@ def orpo_loss(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, 
     return nll - beta * F.logsigmoid(orpo_log_odds_ratio(chosen_avg_logps, rejected_avg_logps)).mean()
 
 
-@register_algorithm("orpo", source="pairs", config=ORPOConfig)
+def orpo_nll_tokens(chosen: TokenBatch, cfg: ORPOConfig) -> torch.Tensor:
+    """How many tokens ORPO's NLL averages over in `chosen` (see `orpo`)."""
+    return chosen.attention_mask[:, 1:].sum() if cfg.nll_on_prompt else chosen.completion_mask.sum()
+
+
+# A token mean (the NLL) plus a pair mean (the odds ratio): each is scaled to the minibatch.
+@register_algorithm("orpo", source="pairs", config=ORPOConfig, mean_over="whole")
 def orpo(models: Models, batch: StepBatch, cfg: ORPOConfig, train: TrainingSpec) -> tuple[torch.Tensor, Metrics]:
     tokens = stack_tokens(batch.pairs.chosen, batch.pairs.rejected)
     logp = token_logprobs(models.policy, tokens)
@@ -220,7 +243,10 @@ def orpo(models: Models, batch: StepBatch, cfg: ORPOConfig, train: TrainingSpec)
     n = len(batch.pairs.chosen.input_ids)
     nll_mask = tokens.attention_mask[:n, 1:].float() if cfg.nll_on_prompt else tokens.completion_mask[:n]
     nll = -masked_mean(logp[:n], nll_mask)
-    loss = orpo_loss(chosen_avg, rejected_avg, nll, cfg.beta)
+    whole = batch.whole or batch
+    odds_term = orpo_loss(chosen_avg, rejected_avg, torch.zeros(()), cfg.beta)
+    loss = (nll * whole_share(nll_mask.sum(), orpo_nll_tokens(whole.pairs.chosen, cfg))
+            + odds_term * whole_share(n, len(whole)))
     log_odds = orpo_log_odds_ratio(chosen_avg, rejected_avg).detach()
     return loss, {**_pair_stats(cfg.beta * chosen_avg, cfg.beta * rejected_avg), "nll": nll.item(),
                   "log_odds_ratio": log_odds.mean().item()}
@@ -250,19 +276,23 @@ def simpo_loss(
     return -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
 
 
-@register_algorithm("simpo", source="pairs", config=SimPOConfig)
+# A pair mean, plus with cpo_alpha a token mean (the NLL): each is scaled to the minibatch.
+@register_algorithm("simpo", source="pairs", config=SimPOConfig, mean_over="whole")
 def simpo(models: Models, batch: StepBatch, cfg: SimPOConfig, train: TrainingSpec) -> tuple[torch.Tensor, Metrics]:
     tokens = stack_tokens(batch.pairs.chosen, batch.pairs.rejected)
     logp = token_logprobs(models.policy, tokens)
     # Length-normalised log-probs are SimPO's reward: no reference model, no length bias.
     chosen_avg, rejected_avg = sequence_logps(logp, tokens.completion_mask, average=True).chunk(2)
+    whole = batch.whole or batch
     loss = simpo_loss(chosen_avg, rejected_avg, cfg.beta, cfg.gamma, cfg.label_smoothing).mean()
+    loss = loss * whole_share(len(batch), len(whole))
     metrics = _pair_stats(cfg.beta * chosen_avg, cfg.beta * rejected_avg)
     if cfg.cpo_alpha > 0:
         # CPO's NLL: one token-mean over the chosen completions of the whole batch.
         n = len(batch.pairs.chosen.input_ids)
         nll = -masked_mean(logp[:n], tokens.completion_mask[:n])
-        loss = loss + cfg.cpo_alpha * nll
+        nll_share = whole_share(tokens.completion_mask[:n].sum(), whole.pairs.chosen.completion_mask.sum())
+        loss = loss + cfg.cpo_alpha * nll * nll_share
         metrics["nll"] = nll.item()
     return loss, metrics
 

@@ -25,6 +25,16 @@ algorithm without it for a KL penalty is refused rather than silently run withou
 ``prepare`` runs once per step before the update passes, on the whole batch and without
 gradients: it computes what must stay fixed across PPO-style epochs (behaviour log-probs,
 values, advantages, PRIME's token rewards) into `StepBatch.old_logps` / `.extras`.
+
+With `training.micro_batch_size` the learner runs a minibatch's forward and backward in
+row blocks and accumulates their gradients (`rlsparsity.platform.micro_batches`). A loss
+then sees a micro-batch, so what needs the whole step's rows (group baselines, whitening,
+batch statistics) belongs in ``prepare``. ``mean_over`` says what the loss averages over,
+so that each micro-batch's loss is weighted by its share of the minibatch and the
+accumulated gradient is the minibatch's: ``"rows"`` (the default: sequences, or pairs),
+``"completion_tokens"``, a function ``(batch, cfg) -> size`` (a loss normalised over every
+rank's tokens returns the all-ranks count), or ``"whole"`` for a loss whose terms average
+over different units: it divides each by the minibatch's count itself (`whole_share`).
 """
 
 from __future__ import annotations
@@ -72,6 +82,9 @@ class StepBatch:
     old_logps: torch.Tensor | None = None  # (B, T-1) behaviour log-probs; None = on-policy
     pairs: PairBatch | None = None  # `pairs` source only
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row tensors from `prepare`
+    # A micro-batch's minibatch (None: this batch is the minibatch), for losses that
+    # normalise by the minibatch's counts themselves (mean_over="whole").
+    whole: StepBatch | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.pairs.chosen.input_ids) if self.pairs is not None else len(self.tokens.input_ids)
@@ -127,6 +140,8 @@ class AuxModel:
 LossFn = Callable[[Models, StepBatch, Any, "TrainingSpec"], tuple[torch.Tensor, dict[str, float]]]
 AuxFactory = Callable[[torch.nn.Module, Any, "TrainingSpec"], dict[str, AuxModel]]
 PrepareFn = Callable[[Models, StepBatch, Any, "TrainingSpec"], StepBatch]
+# What a loss averages over: a unit's name, or a function giving a batch's size in it.
+MeanOver = Literal["rows", "completion_tokens", "whole"] | Callable[[StepBatch, Any], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -139,6 +154,7 @@ class Algorithm:
     aux: AuxFactory | None = None
     prepare: PrepareFn | None = None
     kl_penalty: bool = False  # True when its loss applies `training.kl_coef`
+    mean_over: MeanOver = "rows"  # how micro-batches of a minibatch are weighted
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
@@ -153,17 +169,20 @@ def register_algorithm(
     aux: AuxFactory | None = None,
     prepare: PrepareFn | None = None,
     kl_penalty: bool = False,
+    mean_over: MeanOver = "rows",
 ) -> Callable[[LossFn], LossFn]:
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         # The name becomes MLflow param keys, run labels and paths: keep it plain.
         raise ValueError(f"algorithm name {name!r}: use lowercase letters, digits and _ (e.g. 'raftpp')")
     if source == "pairs" and "pairs" not in config.model_fields:
         raise ValueError(f"algorithm {name!r} reads preference pairs: its config needs a `pairs` field")
+    if isinstance(mean_over, str) and mean_over not in ("rows", "completion_tokens", "whole"):
+        raise ValueError(f"algorithm {name!r}: mean_over={mean_over!r}; use rows, completion_tokens, whole or a function")
 
     def deco(fn: LossFn) -> LossFn:
         if name in ALGORITHMS:
             raise ValueError(f"algorithm {name!r} is already registered")
-        ALGORITHMS[name] = Algorithm(name, source, fn, config, uses_reference, aux, prepare, kl_penalty)
+        ALGORITHMS[name] = Algorithm(name, source, fn, config, uses_reference, aux, prepare, kl_penalty, mean_over)
         return fn
 
     return deco

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from rlsparsity.platform.config import TrainingSpec
 
 
-@register_algorithm("sft", source="dataset")
+@register_algorithm("sft", source="dataset", mean_over="completion_tokens")
 def sft_loss(models: Models, batch: StepBatch, cfg: AlgorithmConfig, train: TrainingSpec) -> tuple[torch.Tensor, dict[str, float]]:
     logp = token_logprobs(models.policy, batch.tokens)
     loss = -masked_mean(logp, batch.tokens.completion_mask)
@@ -46,10 +46,15 @@ def _kept_tokens(batch: StepBatch, threshold: float) -> tuple[torch.Tensor, torc
 
 
 def _keep_metrics(keep: torch.Tensor) -> dict[str, float]:
-    return {"kept": keep.sum().item(), "kept_frac": keep.mean().item()}
+    return {"kept_frac": keep.mean().item()}
 
 
-@register_algorithm("raft", source="rollouts", config=RAFTConfig)
+def kept_tokens(batch: StepBatch, cfg: RAFTConfig) -> torch.Tensor:
+    """What RAFT's token mean is over: the completion tokens of the kept rows."""
+    return _kept_tokens(batch, cfg.reward_threshold)[1].sum()
+
+
+@register_algorithm("raft", source="rollouts", config=RAFTConfig, mean_over=kept_tokens)
 def raft_loss(models: Models, batch: StepBatch, cfg: RAFTConfig, train: TrainingSpec) -> tuple[torch.Tensor, dict[str, float]]:
     """RAFT (Dong et al. 2023, "RAFT: Reward rAnked FineTuning"; as the baseline of Xiong et al.
     2025): SFT — token-mean NLL — on the step's samples whose reward clears the threshold."""
@@ -63,7 +68,7 @@ def raft_loss(models: Models, batch: StepBatch, cfg: RAFTConfig, train: Training
     return loss, {**_keep_metrics(keep), "nll": loss.item()}
 
 
-@register_algorithm("raftpp", source="rollouts", config=RAFTPlusPlusConfig)
+@register_algorithm("raftpp", source="rollouts", config=RAFTPlusPlusConfig, mean_over=kept_tokens)
 def raft_plus_plus_loss(models: Models, batch: StepBatch, cfg: RAFTPlusPlusConfig, train: TrainingSpec) -> tuple[torch.Tensor, dict[str, float]]:
     """RAFT++ (Xiong et al. 2025, "A Minimalist Approach to LLM Reasoning: from Rejection
     Sampling to Reinforce", arXiv:2504.11343, §2): RAFT with PPO's importance sampling and

@@ -2,7 +2,8 @@
 no network) can tell about the platform's GPU path, in a few minutes. `make gpu-check`.
 
 1. The Ray-free Learner trains on CUDA with bf16 autocast over float32 masters
-   (`training.precision: amp`): GRPO steps on the embedded model, its engine synced.
+   (`training.precision: amp`): GRPO steps on the embedded model in micro-batches, its
+   engine synced.
 2. On the same weights, the sync patch and the training masks computed on CUDA equal the
    CPU ones bit for bit (every criterion, the dynamics' previous-step mask).
 3. The sync diff on the GPU for a 0.5B-parameter model (Qwen2.5-0.5B's shapes, random
@@ -61,7 +62,7 @@ def check_learner(device: str, steps: int, out: Path) -> None:
     model_dir = ensure_embedded_model("tiny-arith")
     print(f"ok   embedded θ0 at {model_dir} ({time.perf_counter() - t0:.0f} s)", flush=True)
     (spec,) = SweepSpec({"algorithm": "grpo", "training": {"steps": steps, "precision": "amp", "prompts_per_step": 8,
-                                                           "samples_per_prompt": 4, "eval_problems": 32,
+                                                           "samples_per_prompt": 4, "eval_problems": 32, "micro_batch_size": 8,
                                                            "masks": {"every": steps, "drift": False}}}).trials()
     engine = HFEngine(model_dir)
     learner = Learner(spec, model_dir, base={"id": "embedded", "hash": "gpu-check"}, device=device,
@@ -82,7 +83,7 @@ def check_learner(device: str, steps: int, out: Path) -> None:
     for name, p in learner.policy.named_parameters():
         if not torch.equal(served[name], p.detach().to(torch.bfloat16).view(torch.int16).cpu()):
             fail(f"the engine's {name} differs from the learner's bf16 view after the last sync")
-    print(f"ok   {steps} GRPO steps on {device} with bf16 autocast; median step {sorted(times)[len(times) // 2]:.2f} s; "
+    print(f"ok   {steps} GRPO steps on {device} with bf16 autocast in micro-batches of 8; median step {sorted(times)[len(times) // 2]:.2f} s; "
           f"engine holds the bf16 view", flush=True)
 
     # The same weights on CPU and on the device: a sync diff and every training mask, bit for bit.

@@ -15,7 +15,7 @@ series), which the MLflow UI previews as a table.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,62 +157,69 @@ class MaskRecorder:
                gather: Callable[[dict[str, list[np.ndarray]], list[str]], dict[str, list[np.ndarray]] | None] | None = None,
                ) -> tuple[Recorded | None, list[tuple[Path, str]]]:
         """Write every series' mask at `step` under `workdir`; returns the counts and the
-        (file, artifact folder) pairs to log. Sharded (FSDP), `named_params` are this rank's
-        rows: `gather(bits, names)` gives rank 0 each whole tensor's packed bits (None on
-        the other ranks, which then return (None, [])) and `shapes` the whole shapes."""
-        bf16_criteria = [c for c in self.criteria if c.view == "bf16"]
+        (file, artifact folder) pairs to log. Unsharded, tensor by tensor: one tensor's bits
+        at a time. Sharded (FSDP), `named_params` are this rank's rows: `gather(bits, names)`
+        gives rank 0 each whole tensor's packed bits (None on the other ranks, which then
+        return (None, [])) and `shapes` the whole shapes."""
         series = [c.slug for c in self.criteria] + ([SINCE_PREV, EVER] if self.dynamics else [])
-        bits: dict[str, list[np.ndarray]] = {slug: [] for slug in series}
-        names: list[str] = []
-        for tensor, p in named_params:
-            names.append(tensor)
-            cur = p.detach().to(torch.bfloat16, copy=True)
-            masks = compare(self.base_bf16(tensor), cur, [c.criterion for c in bf16_criteria],
-                            masks=range(len(bf16_criteria)), packed=True).masks
-            for i, c in enumerate(bf16_criteria):
-                bits[c.slug].append(masks[i])
-            if "masters" in bits:
-                bits["masters"].append(compare(self.base_master[tensor], p.detach(), [BITWISE], masks=[0], packed=True).masks[0])
-            if self.dynamics:
-                bits[SINCE_PREV].append(compare(self.prev_bf16[tensor], cur, [BITWISE], masks=[0], packed=True).masks[0])
-                bits[EVER].append(np.packbits(self.ever[tensor].reshape(-1).cpu().numpy(), bitorder="little"))
-                self.prev_bf16[tensor] = cur
-        if gather is not None:
+        per_tensor = self._bits(named_params)
+        if gather is not None:  # every rank's bits of every tensor, before any is written
+            names, bits = [], {slug: [] for slug in series}
+            for tensor, tensor_bits in per_tensor:
+                names.append(tensor)
+                for slug in series:
+                    bits[slug].append(tensor_bits[slug])
             whole = gather(bits, names)
             if whole is None:
                 return None, []
-            bits = {slug: whole[slug] for slug in series}
-        shapes = shapes or {}
-        return self._write(bits, names, shapes, workdir, step, final=final, target=target)
+            per_tensor = ((n, {slug: whole[slug][i] for slug in series}) for i, n in enumerate(names))
+        return self._write(series, per_tensor, shapes or {}, workdir, step, final=final, target=target)
 
-    def _write(self, bits: dict[str, list[np.ndarray]], names: list[str], shapes: dict[str, tuple[int, ...]],
-               workdir: Path, step: int, *, final: bool, target: dict[str, Any]) -> tuple[Recorded, list[tuple[Path, str]]]:
+    def _bits(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """Each tensor's packed bits of every series (and the dynamics' state moved on)."""
+        bf16_criteria = [c for c in self.criteria if c.view == "bf16"]
+        for tensor, p in named_params:
+            cur = p.detach().to(torch.bfloat16, copy=True)
+            masks = compare(self.base_bf16(tensor), cur, [c.criterion for c in bf16_criteria],
+                            masks=range(len(bf16_criteria)), packed=True).masks
+            bits = {c.slug: masks[i] for i, c in enumerate(bf16_criteria)}
+            if any(c.slug == "masters" for c in self.criteria):
+                bits["masters"] = compare(self.base_master[tensor], p.detach(), [BITWISE], masks=[0], packed=True).masks[0]
+            if self.dynamics:
+                bits[SINCE_PREV] = compare(self.prev_bf16[tensor], cur, [BITWISE], masks=[0], packed=True).masks[0]
+                bits[EVER] = np.packbits(self.ever[tensor].reshape(-1).cpu().numpy(), bitorder="little")
+                self.prev_bf16[tensor] = cur
+            yield tensor, bits
+
+    def _write(self, series: list[str], per_tensor: Iterable[tuple[str, dict[str, np.ndarray]]],
+               shapes: dict[str, tuple[int, ...]], workdir: Path, step: int, *, final: bool,
+               target: dict[str, Any]) -> tuple[Recorded, list[tuple[Path, str]]]:
         name = mask_file_name(None if final else step)
         meta = {c.slug: (c.criterion.to_meta() | {"view": c.view}, "bfloat16" if c.view == "bf16" else None)
                 for c in self.criteria}
         meta[SINCE_PREV] = (BITWISE.to_meta() | {"view": "bf16", "against": "previous mask step"}, "bfloat16")
         meta[EVER] = ({"mode": "ever", "spec": "ever", "view": "bf16",
                        "meaning": "the bf16 view changed at any optimizer step up to this one"}, "bfloat16")
-        stats = {slug: SeriesStats() for slug in bits}
-        files: list[tuple[Path, str]] = []
-        writers: list[MaskWriter] = []
+        stats = {slug: SeriesStats() for slug in series}
+        writers: dict[str, MaskWriter] = {}
         try:
-            for slug, per_tensor in bits.items():
+            for slug in series:  # one open writer per series, fed tensor by tensor
                 criterion, dtype = meta[slug]
-                path = workdir / mask_dir(slug) / name
-                writer = MaskWriter(path, criterion=criterion, dtype=dtype or self.master_dtype, base=self.base,
-                                    target={**target, "step": step}, tied=self.tied, extra={"series": slug})
-                writers.append(writer)
-                for tensor, b in zip(names, per_tensor, strict=True):
-                    shape = shapes.get(tensor) or tuple(self.base_master[tensor].shape)
-                    stats[slug].changed[tensor] = writer.add_bits(tensor, shape, b)
+                writers[slug] = MaskWriter(workdir / mask_dir(slug) / name, criterion=criterion,
+                                           dtype=dtype or self.master_dtype, base=self.base,
+                                           target={**target, "step": step}, tied=self.tied, extra={"series": slug})
+            for tensor, bits in per_tensor:
+                shape = shapes.get(tensor) or tuple(self.base_master[tensor].shape)
+                for slug in series:
+                    stats[slug].changed[tensor] = writers[slug].add_bits(tensor, shape, bits[slug])
                     stats[slug].numel[tensor] = math.prod(shape)
+            for writer in writers.values():
                 writer.close()
-                files.append((path, mask_dir(slug)))
         except BaseException:
-            for w in writers:
+            for w in writers.values():
                 w.abort()
             raise
+        files = [(workdir / mask_dir(slug) / name, mask_dir(slug)) for slug in series]
         recorded = Recorded(step, stats)
         table = workdir / mask_dir() / f"{Path(name).stem}.csv"
         files.append((write_csv(recorded.table_rows(), table), mask_dir()))

@@ -114,7 +114,8 @@ class Ranks:
         """Rank 0's JSON-able value on every rank (as JSON bytes: no pickle)."""
         if not self.sharded:
             return obj
-        data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if self.rank == 0 else np.zeros(0, np.uint8)
+        # A writable copy (bytearray): torch warns on a read-only numpy buffer.
+        data = np.frombuffer(bytearray(json.dumps(obj).encode()), np.uint8) if self.rank == 0 else np.zeros(0, np.uint8)
         return json.loads(self._all_gather_bytes(data)[0].tobytes())
 
     def full(self, p: torch.Tensor, part: torch.Tensor) -> torch.Tensor:

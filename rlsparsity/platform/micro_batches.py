@@ -24,12 +24,13 @@ from rlsparsity.platform.algorithms.common import world_size
 from rlsparsity.platform.config import TrainingSpec
 
 
-def micro_batch_count(rows: int, micro_batch_size: int | None) -> int:
+def micro_batch_count(rows: int, micro_batch_size: int | None, device: torch.device) -> int:
     """Micro-batches per minibatch: the same on every rank (the most any rank needs), since
-    FSDP's reduce-scatters and a loss's all-ranks counts are collectives per micro-batch."""
+    FSDP's reduce-scatters and a loss's all-ranks counts are collectives per micro-batch.
+    `device` is the batch's: NCCL reduces CUDA tensors only."""
     if micro_batch_size is None:
         return 1
-    count = torch.tensor(-(-rows // micro_batch_size))
+    count = torch.tensor(-(-rows // micro_batch_size), device=device)
     if world_size() > 1:
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
     return int(count)
@@ -58,7 +59,8 @@ def split(batch: StepBatch, algo: Algorithm, cfg: Any, micro_batch_size: int | N
     """The minibatch's micro-batches, or None when it runs whole. A rank with fewer rows than
     the count needs pads with zero-weight copies of its first row, so that every rank runs
     the same forwards and backwards."""
-    count = micro_batch_count(len(batch), micro_batch_size)
+    tokens = batch.tokens if batch.tokens is not None else batch.pairs.chosen
+    count = micro_batch_count(len(batch), micro_batch_size, tokens.input_ids.device)
     if count == 1:
         return None
     parts, sizes, rows_of = [], [], []
